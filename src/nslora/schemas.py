@@ -1,0 +1,150 @@
+"""Named Parquet schemas, validated on every read and write.
+
+Every table the pipeline hands from one stage to the next has a schema constant here. `write_table`
+and `read_table` refuse tables whose columns or types differ, naming the file and the column, and
+writes are atomic (temporary file + rename) so a killed stage never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class SchemaError(ValueError):
+    """A table that does not match its named schema."""
+
+
+# One training or test example. `question` is what the model sees (possibly rewritten by a symbolic
+# update); `original_question` keeps the source text. `solution` is the worked answer the model is
+# trained on, ending in '#### <final_answer>'.
+EXAMPLES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("source_index", pa.int64()),
+        ("system_prompt", pa.string()),
+        ("question", pa.string()),
+        ("solution", pa.string()),
+        ("final_answer", pa.string()),
+        ("original_question", pa.string()),
+        ("rewrite_epoch", pa.int64()),
+        ("rewrite_iterations", pa.int64()),
+        ("rewrite_engine", pa.string()),
+        ("rewrite_reason", pa.string()),
+    ],
+    metadata={"name": "nslora.examples", "version": "1"},
+)
+
+# Per-sample statistics of one LoRA epoch: the loss and gradient norm (over the LoRA parameters) of
+# each sample, measured in the training pass itself, in the batch it was trained in.
+SAMPLE_STATS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("epoch", pa.int64()),
+        ("batch_index", pa.int64()),
+        ("loss", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("answer_tokens", pa.int64()),
+        ("tokens", pa.int64()),
+    ],
+    metadata={"name": "nslora.sample_stats", "version": "1"},
+)
+
+# One evaluated test question: what the model generated and what was extracted from it.
+PREDICTIONS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("epoch", pa.int64()),
+        ("question", pa.string()),
+        ("final_answer", pa.string()),
+        ("output", pa.string()),
+        ("flexible_extract", pa.string()),
+        ("strict_match", pa.string()),
+        ("correct_flexible", pa.bool_()),
+        ("correct_strict", pa.bool_()),
+    ],
+    metadata={"name": "nslora.predictions", "version": "1"},
+)
+
+
+def _schema_name(schema: pa.Schema) -> str:
+    return (schema.metadata or {}).get(b"name", b"table").decode()
+
+
+def _check(table: pa.Table, schema: pa.Schema, path: Path | str) -> None:
+    names = table.schema.names
+    expected = schema.names
+    missing = [n for n in expected if n not in names]
+    extra = [n for n in names if n not in expected]
+    if missing or extra:
+        raise SchemaError(
+            f"{path}: does not match schema {_schema_name(schema)}: "
+            + (f"missing column(s) {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected column(s) {extra}" if extra else "")
+            + ". Regenerate it with the stage that writes it (dvc repro)."
+        )
+    for f in schema:
+        actual = table.schema.field(f.name).type
+        if actual != f.type and not (pa.types.is_null(actual) and table.num_rows == 0):
+            raise SchemaError(
+                f"{path}: column '{f.name}' has type {actual}, schema {_schema_name(schema)} "
+                f"needs {f.type}."
+            )
+        if table.column(f.name).null_count and f.name in ("id", "question", "final_answer"):
+            row = table.column(f.name).to_pandas().isna().to_numpy().nonzero()[0][0]
+            raise SchemaError(f"{path}: row {row}: column '{f.name}' is empty (null).")
+
+
+def to_table(df: pd.DataFrame, schema: pa.Schema, path: Path | str = "<table>") -> pa.Table:
+    """Convert a DataFrame to an Arrow table of exactly `schema` (column order, types)."""
+    missing = [n for n in schema.names if n not in df.columns]
+    extra = [c for c in df.columns if c not in schema.names]
+    if missing or extra:
+        raise SchemaError(
+            f"{path}: cannot write as {_schema_name(schema)}: missing {missing}, unexpected {extra}"
+        )
+    try:
+        table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise SchemaError(f"{path}: cannot write as {_schema_name(schema)}: {err}") from err
+    _check(table, schema, path)
+    return table
+
+
+def write_table(df: pd.DataFrame, path: Path | str, schema: pa.Schema) -> Path:
+    """Validate `df` against `schema` and write it atomically to `path`."""
+    path = Path(path)
+    table = to_table(df, schema, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_table(path: Path | str, schema: pa.Schema) -> pd.DataFrame:
+    """Read `path` and check it against `schema`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        SchemaError: columns or types differ, naming the file and the column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (run the stage that writes it: dvc repro)")
+    table = pq.read_table(path)
+    _check(table, schema, path)
+    return table.select(schema.names).to_pandas()

@@ -1,0 +1,81 @@
+"""params.yaml loads into frozen dataclasses; bad keys and types fail naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import ROOT
+from nslora.config import SECTIONS, ParamsError, parse_params
+from nslora_cli.main import cli
+from nslora_cli.params_file import load_params
+
+
+def real_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_real_params_yaml_loads_and_every_key_has_help():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.name == "embedded:smollm2"
+    assert params.last_epoch == len(params.epochs) >= 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lr = 1.0
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    # Every key of the real file is a declared field (no key silently ignored).
+    for section, keys in real_params().items():
+        if section in SECTIONS:
+            assert set(keys) <= {f.name for f in dataclasses.fields(SECTIONS[section])}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p["train"].update(learning_rate=1e-4), "train.learning_rate: unknown key"),
+    (lambda p: p["train"].update(lr="fast"), "train.lr: got 'fast' (str), expected float"),
+    (lambda p: p["train"].update(batch_size=8.5), "train.batch_size: got 8.5"),
+    (lambda p: p["model"].update(precision="fp8"), "model.precision: got 'fp8'"),
+    (lambda p: p.update(optimiser={}), "optimiser: unknown params section"),
+    (lambda p: p["epochs"].update({"3": {"prev": 1}}), "epochs.3.prev: is 1, must be 2"),
+    (lambda p: p["epochs"].pop("1"), "epochs: keys must be 1..1"),
+    (lambda p: p["epochs"]["1"].update(eval=True), "epochs.1.eval: unknown key"),
+])
+def test_bad_params_name_the_key(mutate, message):
+    params = real_params()
+    mutate(params)
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        parse_params(params)
+
+
+def test_int_is_accepted_for_float_and_missing_sections_default():
+    params = parse_params({"train": {"lr": 1}})
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params.model.name == "embedded:smollm2"
+
+
+def test_cli_epochs_rewrites_a_consistent_chain(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    result = CliRunner().invoke(cli, ["epochs", "4", "--params", str(path), "--evaluate", "last"])
+    assert result.exit_code == 0, result.output
+    params = load_params(path)
+    assert list(params.epochs) == [1, 2, 3, 4]
+    assert [e.evaluate for e in params.epochs.values()] == [False, False, False, True]
+    assert params.model == load_params(ROOT / "params.yaml").model  # the rest is untouched
+
+
+def test_stage_reports_params_error_in_one_line(tmp_path):
+    bad = real_params()
+    bad["lora"]["rank"] = 8
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "init_lora.py"), "--params", "params.yaml", "--base", "x",
+         "--train", "t.parquet", "--out", "o"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "lora.rank: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
