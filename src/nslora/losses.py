@@ -1,0 +1,79 @@
+"""Answer-only causal-LM loss that never materialises the full logits tensor.
+
+The vocabulary projection is the largest tensor of a naive loss (batch x length x vocab floats, e.g.
+8 x 256 x 49152 x 4 bytes = 400 MB for SmolLM2) and its float32 softmax dominated the step time on a
+CPU. Here logits exist only at answer positions, a chunk of rows at a time, and the float32 softmax
+is fused with the log and kept in the compute dtype for the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHUNK_ROWS = 256
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` against `targets`, per row.
+
+    Only the softmax probabilities are kept for the backward pass, in the weight's dtype (bf16 on a
+    bf16 run): half the memory of float32 logits, and no recomputation of the vocabulary matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(weight.dtype)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        probs = torch.empty((hidden.shape[0], weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], CHUNK_ROWS):
+                rows = slice(start, start + CHUNK_ROWS)
+                log_probs = torch.log_softmax(hidden[rows] @ weight.T, dim=-1, dtype=torch.float32)
+                losses[rows] = -log_probs.gather(1, targets[rows, None]).squeeze(1)
+                probs[rows] = log_probs.exp_()
+        ctx.save_for_backward(hidden, weight, targets, probs)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        hidden, weight, targets, probs = ctx.saved_tensors
+        # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the incoming gradient.
+        grad_logits = probs
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        grad_logits.mul_(grad_losses[:, None].to(grad_logits.dtype))
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad_hidden = grad_logits @ weight
+            grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
+class AnswerLoss(nn.Module):
+    """Per-sample mean cross-entropy over answer tokens only (prompt and padding are ignored)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = base.get_decoder()
+        self.lm_head = base.get_output_embeddings()
+        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state
+        # Position t predicts token t+1: an answer token's loss is read at the position before it.
+        target_mask = answer_mask[:, 1:]
+        picked = hidden[:, :-1][target_mask]
+        targets = input_ids[:, 1:][target_mask]
+        if self.softcap or getattr(self.lm_head, "bias", None) is not None:
+            logits = self.lm_head(picked).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            token_loss = nn.functional.cross_entropy(logits, targets, reduction="none")
+        else:
+            token_loss = LinearCrossEntropy.apply(picked, self.lm_head.weight, targets)
+        rows = target_mask.nonzero()[:, 0]
+        total = torch.zeros(input_ids.shape[0], device=token_loss.device).index_add(0, rows, token_loss)
+        return total / target_mask.sum(dim=1).clamp(min=1)

@@ -1,0 +1,384 @@
+"""Numerical updates: LoRA epochs that resume exactly and record per-sample statistics.
+
+An adapter directory is the hand-off unit between epochs. Besides peft's files it holds
+`training_state.pt` (optimizer, schedule step, RNG states), `batches.json` (the batch plan, composed
+once before epoch 1 and replayed every epoch so per-sample losses compare fairly) and `meta.json`.
+Because all state travels with the directory, N epochs run as N stages train exactly like N epochs
+in one process.
+
+    init_adapter(base_dir, train_df, lora, train, out_dir)          # epoch 0
+    trainer = LoraTrainer(base_dir, "models/adapters/epoch_0", train, precision)
+    stats = trainer.run_epoch(train_df, epoch=1)
+    trainer.save("models/adapters/epoch_1", epoch=1, train_df=train_df)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import prompts
+from .config import LoraParams, TrainConfig, to_dict
+from .losses import AnswerLoss
+from .models import load_model, load_tokenizer, resolve_dtype
+from .persample import PerSampleGradNorms
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+BATCHES_FILE = "batches.json"
+META_FILE = "meta.json"
+
+
+class TrainingDataError(ValueError):
+    """Training data that does not fit the adapter's batch plan or the model's length budget."""
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    id: str
+    input_ids: list[int]
+    prompt_tokens: int  # tokens before the answer; loss is taken on the rest
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_tokens
+
+
+def encode(tokenizer, row, max_length: int) -> EncodedSample:
+    """Tokenise one example as prompt + answer, cut to `max_length` tokens."""
+    prompt = prompts.prompt_text(tokenizer, row.system_prompt, row.question)
+    answer = prompts.answer_text(tokenizer, row.system_prompt, row.question, row.solution)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    return EncodedSample(id=str(row.id), input_ids=ids, prompt_tokens=min(len(prompt_ids), len(ids)))
+
+
+def encode_all(tokenizer, train_df: pd.DataFrame, max_length: int) -> dict[str, EncodedSample]:
+    samples = {s.id: s for s in (encode(tokenizer, row, max_length) for row in train_df.itertuples())}
+    empty = [s.id for s in samples.values() if s.answer_tokens == 0]
+    if empty:
+        log.warning(
+            "%d sample(s) have no answer tokens left within train.max_length=%d (first: %s); "
+            "they are kept in the batch plan but contribute no loss. Raise train.max_length.",
+            len(empty), max_length, ", ".join(empty[:3]),
+        )
+    return samples
+
+
+def compose_batches(lengths: dict[str, int], batch_size: int, seed: int,
+                    group_by_length: bool = True) -> list[list[str]]:
+    """The batch plan: lists of sample ids, composed once and replayed every epoch.
+
+    With `group_by_length`, samples are shuffled, cut into mega-batches of 16 batches, each sorted
+    by length, then chunked: batches hold similar lengths (little padding) yet stay random.
+    """
+    rng = random.Random(seed)
+    ids = sorted(lengths)
+    rng.shuffle(ids)
+    if group_by_length:
+        mega = batch_size * 16
+        ids = [i for start in range(0, len(ids), mega)
+               for i in sorted(ids[start:start + mega], key=lambda i: -lengths[i])]
+    batches = [ids[start:start + batch_size] for start in range(0, len(ids), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def split_micro_batches(batch: list[EncodedSample], max_tokens: int) -> list[list[EncodedSample]]:
+    """Consecutive chunks of `batch` whose padded size (rows x longest) stays within `max_tokens`
+    (at least one sample each); 0 keeps the batch whole. Gradients accumulate over the chunks, so
+    the update is the batch's, with a fraction of its activation memory."""
+    if not max_tokens:
+        return [batch]
+    chunks: list[list[EncodedSample]] = []
+    for sample in batch:
+        current = chunks[-1] if chunks else None
+        if current and (len(current) + 1) * max(len(s.input_ids) for s in current + [sample]) <= max_tokens:
+            current.append(sample)
+        else:
+            chunks.append([sample])
+    return chunks
+
+
+def lr_factor(step: int, train: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based)."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.scheduler == "constant":
+        return 1.0
+    total = max(1, train.schedule_epochs * steps_per_epoch - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / total)
+    if train.scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def collate(samples: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(samples), width), dtype=torch.long)
+    answer = torch.zeros((len(samples), width), dtype=torch.bool)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        attention[row, :n] = 1
+        answer[row, s.prompt_tokens:n] = True
+    return {"input_ids": input_ids, "attention_mask": attention, "answer_mask": answer}
+
+
+def data_hash(train_df: pd.DataFrame) -> str:
+    """Content hash of what training reads (not of the Parquet bytes, which vary by writer)."""
+    h = hashlib.sha256()
+    for row in train_df.sort_values("id").itertuples():
+        for value in (row.id, row.system_prompt, row.question, row.solution):
+            h.update(str(value).encode())
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def read_meta(adapter_dir: Path | str) -> dict:
+    path = Path(adapter_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not an nslora adapter directory (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
+                 train: TrainConfig, out_dir: Path | str) -> Path:
+    """Epoch 0: a freshly initialised LoRA adapter, its batch plan and starting RNG state."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    seed_everything(train.seed)
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(base_dir)
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_config)
+    samples = encode_all(tokenizer, train_df, train.max_length)
+    batches = compose_batches({i: len(s.input_ids) for i, s in samples.items()},
+                              train.batch_size, train.seed, train.group_by_length)
+    seed_everything(train.seed)
+    tmp = _atomic_dir(out_dir)
+    model.save_pretrained(tmp)
+    (tmp / BATCHES_FILE).write_text(json.dumps(batches) + "\n")
+    torch.save({"optimizer": None, "step": 0, "rng": rng_state()}, tmp / STATE_FILE)
+    meta = {
+        "epoch": 0,
+        "base_model": _base_source(base_dir),
+        "seed": train.seed,
+        "data_sha256": data_hash(train_df),
+        "system_prompt": _system_prompt(train_df),
+        "lora": to_dict(lora),
+        "samples": len(samples),
+        "batches": len(batches),
+        "step": 0,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _publish(tmp, out_dir)
+    return out_dir
+
+
+def _base_source(base_dir: Path) -> dict:
+    source = base_dir / "nslora_source.json"
+    info = json.loads(source.read_text()) if source.exists() else {"name": str(base_dir)}
+    return {**info, "dir": str(base_dir)}
+
+
+def _system_prompt(train_df: pd.DataFrame) -> str:
+    prompts_used = train_df["system_prompt"].unique()
+    if len(prompts_used) != 1:
+        log.warning("training data carries %d different system prompts; meta.json records the first",
+                    len(prompts_used))
+    return str(prompts_used[0]) if len(prompts_used) else ""
+
+
+class LoraTrainer:
+    """Continues training from an adapter directory, one epoch at a time.
+
+    Args:
+        base_dir: the materialised base model.
+        adapter_dir: the adapter to continue from (epoch 0 from `init_adapter`, or a later epoch).
+        train: training settings; must match the ones the adapter was started with.
+        precision: 'auto' | 'bf16' | 'fp32' (see ModelConfig.precision).
+        attention: attention kernel (see ModelConfig.attention).
+        record_grad_norms: record per-sample gradient norms (one extra einsum per LoRA factor).
+    """
+
+    def __init__(self, base_dir: Path | str, adapter_dir: Path | str, train: TrainConfig,
+                 precision: str = "auto", record_grad_norms: bool = True, accelerator=None,
+                 attention: str = "auto"):
+        from accelerate import Accelerator
+        from peft import PeftModel
+
+        self.base_dir, self.adapter_dir, self.train = Path(base_dir), Path(adapter_dir), train
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.dtype = resolve_dtype(precision, self.device)
+        self.record_grad_norms = record_grad_norms
+        self.meta = read_meta(adapter_dir)
+        self.batches = json.loads((self.adapter_dir / BATCHES_FILE).read_text())
+        state = torch.load(self.adapter_dir / STATE_FILE, weights_only=False)
+
+        self.tokenizer = load_tokenizer(base_dir)
+        base = load_model(base_dir, dtype=self.dtype, attention=attention, device=self.device)
+        self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        if self.dtype != torch.float32:
+            # Autocast runs the LoRA matmuls in bf16 anyway; peft's cast of every LoRA input to the
+            # float32 adapter dtype would only add a full-size copy per adapted module.
+            for module in self.model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.loss_module, self.optimizer = self.accelerator.prepare(AnswerLoss(self.model), self.optimizer)
+        # Restore RNG last: loading the model above consumed random numbers (LoRA layer init).
+        set_rng_state(state["rng"])
+
+    def run_epoch(self, train_df: pd.DataFrame, epoch: int, progress: bool = True) -> pd.DataFrame:
+        """One pass over the batch plan. Returns per-sample statistics (schemas.SAMPLE_STATS)."""
+        acc = self.accelerator
+        samples = encode_all(self.tokenizer, train_df, self.train.max_length)
+        planned = {i for batch in self.batches for i in batch}
+        missing = sorted(planned - set(samples))
+        if missing:
+            raise TrainingDataError(
+                f"training data lacks {len(missing)} sample id(s) of the batch plan "
+                f"(first: {missing[0]}); the plan in {self.adapter_dir / BATCHES_FILE} was composed "
+                "from the epoch-1 data and every later epoch must keep the same ids."
+            )
+        if len(samples) != len(planned):
+            log.warning("%d sample(s) are not in the batch plan and are not trained on",
+                        len(samples) - len(planned))
+        self.model.train()
+        tracker = PerSampleGradNorms(self.model) if self.record_grad_norms else None
+        records: list[dict] = []
+        tokens, start = 0, time.perf_counter()
+        bar = tqdm(self.batches, desc=f"lora epoch {epoch}", disable=not (progress and acc.is_main_process))
+        for batch_index, batch_ids in enumerate(bar):
+            mine = [samples[i] for i in batch_ids[acc.process_index::acc.num_processes]]
+            valid = sum(1 for i in batch_ids if samples[i].answer_tokens > 0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.train.lr * lr_factor(self.step, self.train, len(self.batches))
+            # Each process holds part of the batch and DDP averages gradients over processes, so
+            # scale its loss sum to give the mean over all valid samples of the global batch.
+            scale = acc.num_processes / max(valid, 1)
+            micro_batches = split_micro_batches(mine, self.train.micro_batch_tokens)
+            for j, micro in enumerate(micro_batches):
+                last = j == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
+                    losses, norms = self._forward_backward(micro, scale, tracker)
+                for s, l, g in zip(micro, losses.tolist(), norms.tolist()):
+                    empty = s.answer_tokens == 0
+                    records.append({"id": s.id, "epoch": epoch, "batch_index": batch_index,
+                                    "loss": float("nan") if empty else l, "grad_norm": 0.0 if empty else g,
+                                    "answer_tokens": s.answer_tokens, "tokens": len(s.input_ids)})
+            if self.train.max_grad_norm:
+                acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            tokens += sum(len(s.input_ids) for s in mine)
+            if batch_index % 4 == 0:
+                bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in records[-len(mine):]]):.3f}",
+                                tok_s=f"{tokens * acc.num_processes / (time.perf_counter() - start):.0f}")
+        from accelerate.utils import gather_object
+
+        records = gather_object(records) if acc.num_processes > 1 else records
+        self.seconds = time.perf_counter() - start
+        self.tokens = sum(r["tokens"] for r in records)
+        return pd.DataFrame(records).sort_values(["batch_index", "id"]).reset_index(drop=True)
+
+    def _forward_backward(self, micro: list[EncodedSample], scale: float,
+                          tracker: PerSampleGradNorms | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the gradient of `scale * sum of per-sample losses`; return losses and norms."""
+        tensors = {k: v.to(self.device) for k, v in collate(micro, self.tokenizer.pad_token_id).items()}
+        with tracker if tracker is not None else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                losses = self.loss_module(**tensors)
+            has_answer = tensors["answer_mask"][:, 1:].any(dim=1)
+            self.accelerator.backward((losses * has_answer).sum() * scale)
+        norms = tracker.norms(scale) if tracker is not None else torch.full_like(losses, float("nan"))
+        return losses.detach().float(), norms.detach()
+
+    def save(self, out_dir: Path | str, epoch: int, train_df: pd.DataFrame, extra: dict | None = None) -> Path:
+        """Write the adapter directory of `epoch` (main process only)."""
+        out_dir = Path(out_dir)
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return out_dir
+        tmp = _atomic_dir(out_dir)
+        acc.unwrap_model(self.loss_module).model.save_pretrained(tmp)
+        (tmp / BATCHES_FILE).write_text(json.dumps(self.batches) + "\n")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": rng_state()},
+                   tmp / STATE_FILE)
+        meta = {
+            **self.meta,
+            "epoch": epoch,
+            "data_sha256": data_hash(train_df),
+            "system_prompt": _system_prompt(train_df),
+            "step": self.step,
+            "precision": str(self.dtype).replace("torch.", ""),
+            "processes": acc.num_processes,
+            "train": to_dict(self.train),
+            **(extra or {}),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _publish(tmp, out_dir)
+        return out_dir
+
+
