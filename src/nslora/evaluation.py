@@ -1,0 +1,165 @@
+"""Evaluation through lm-evaluation-harness: the base model, optionally with a LoRA adapter.
+
+The task (`tasks/nslora_cot_zeroshot.yaml`) has gsm8k_cot_zeroshot semantics over the prepared test
+Parquet; the model's chat template and the adapter's system prompt are applied exactly as in
+training (both use `nslora.prompts`). Generation is batched (lm-eval sorts requests by length).
+
+    summary, predictions = evaluate(base_dir, adapter_dir, test_path, system_prompt, EvalConfig())
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import EvalConfig
+from .models import load_tokenizer, resolve_attention, resolve_dtype
+from .prompts import has_chat_template
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "nslora_cot_zeroshot"
+# End-of-turn markers of common chat templates, plus gsm8k_cot_zeroshot's "Q:".
+STOP_STRINGS = ["Q:", "</s>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"]
+
+
+def write_task_yaml(directory: Path | str, test_path: Path | str, max_new_tokens: int) -> Path:
+    """Write a task YAML into `directory` that includes the packaged task and points it at
+    `test_path` (lm-eval resolves the package's `!function` helpers relative to the included file).
+    """
+    import yaml
+
+    packaged = resources.files("nslora") / "tasks" / f"{TASK_NAME}.yaml"
+    override = {
+        "include": str(packaged),
+        "task": TASK_NAME,
+        "dataset_kwargs": {"data_files": {"test": str(Path(test_path).resolve())}},
+        "generation_kwargs": {"until": STOP_STRINGS, "do_sample": False, "max_gen_toks": max_new_tokens},
+    }
+    path = Path(directory) / f"{TASK_NAME}.yaml"
+    path.write_text(yaml.safe_dump(override, sort_keys=False))
+    return path
+
+
+def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: EvalConfig,
+             precision: str = "auto", device: str | None = None, attention: str = "auto"):
+    """lm-eval's HF model with the adapter attached through its `peft=` argument."""
+    from lm_eval.models.huggingface import HFLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(precision, torch.device(device))
+    lm = HFLM(
+        pretrained=str(base_dir),
+        peft=str(adapter_dir) if adapter_dir else None,
+        dtype=str(dtype).replace("torch.", ""),
+        batch_size=eval_cfg.batch_size,
+        device=device,
+        max_length=4096,
+        attn_implementation=resolve_attention(attention, torch.device(device), training=False),
+    )
+    speed_up_generation(lm.model, dtype)
+    return lm
+
+
+def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Two fixes that make batched CPU generation ~2x faster without changing what is computed.
+
+    - peft keeps adapter weights in float32 over a bf16 base, so every LoRA call copies its input to
+      float32 and runs a slow rank-r float32 matmul; inference casts them to the base dtype.
+    - The LM head receives a non-contiguous slice (last position only); on CPU that sends
+      `linear` through a batched matmul that materialises batch x hidden x vocab. Make it contiguous.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
+def run_lm_eval(lm, test_path: Path | str, system_prompt: str, eval_cfg: EvalConfig) -> dict:
+    """Run the task with lm-eval's `simple_evaluate`; returns its result dict (samples logged)."""
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_task_yaml(tmp, test_path, eval_cfg.max_new_tokens)
+        return simple_evaluate(
+            model=lm,
+            tasks=[TASK_NAME],
+            task_manager=TaskManager(include_path=tmp, include_defaults=False),
+            limit=eval_cfg.limit,
+            system_instruction=system_prompt or None,
+            apply_chat_template=has_chat_template(lm.tokenizer),
+            log_samples=True,
+            bootstrap_iters=0,
+        )
+
+
+def evaluate(base_dir: Path | str, adapter_dir: Path | str | None, test_path: Path | str,
+             system_prompt: str, eval_cfg: EvalConfig, precision: str = "auto",
+             attention: str = "auto", epoch: int = 0, lm=None) -> tuple[dict, pd.DataFrame]:
+    """Evaluate the base model (with `adapter_dir` when given) on the test Parquet.
+
+    Returns:
+        (summary, predictions): accuracy under both filters with its binomial standard error,
+        counts and timing; and one row per question (schemas.PREDICTIONS).
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    lm = lm or build_lm(base_dir, adapter_dir, eval_cfg, precision, attention=attention)
+    start = time.perf_counter()
+    results = run_lm_eval(lm, test_path, system_prompt, eval_cfg)
+    seconds = time.perf_counter() - start
+    predictions = _predictions(results["samples"][TASK_NAME], epoch)
+    n = len(predictions)
+    accuracy = float(predictions["correct_flexible"].mean()) if n else 0.0
+    summary = {
+        "epoch": epoch,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "accuracy": round(accuracy, 6),
+        "accuracy_strict": round(float(predictions["correct_strict"].mean()) if n else 0.0, 6),
+        "stderr": round(math.sqrt(accuracy * (1 - accuracy) / n) if n else 0.0, 6),
+        "n": n,
+        "seconds": round(seconds, 1),
+        "questions_per_s": round(n / seconds, 3) if seconds else None,
+    }
+    return summary, predictions
+
+
+def _predictions(samples: list[dict], epoch: int) -> pd.DataFrame:
+    rows = {}
+    for s in samples:
+        doc = s["doc"]
+        row = rows.setdefault(doc["id"], {
+            "id": doc["id"], "epoch": epoch, "question": doc["question"],
+            "final_answer": doc["final_answer"], "output": s["resps"][0][0],
+        })
+        column = "flexible_extract" if s["filter"] == "flexible-extract" else "strict_match"
+        row[column] = s["filtered_resps"][0]
+        row["correct_" + column.split("_")[0]] = bool(s["exact_match"])
+    frame = pd.DataFrame(list(rows.values()))
+    return frame.sort_values("id").reset_index(drop=True)
+
+
+def adapter_changes_logits(base_dir: Path | str, adapter_dir: Path | str, text: str = "Q: 1 + 1 = ?") -> float:
+    """Max |logit difference| between the base model and base + adapter as lm-eval loads them.
+
+    Guards against an evaluator that silently drops the adapter (seen elsewhere): a trained adapter
+    must give a non-zero difference.
+    """
+    cfg = EvalConfig(batch_size=1)
+    with_adapter = build_lm(base_dir, adapter_dir, cfg, precision="fp32", device="cpu")
+    without = build_lm(base_dir, None, cfg, precision="fp32", device="cpu")
+    ids = load_tokenizer(base_dir)(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (with_adapter._model_call(ids) - without._model_call(ids)).abs().max()
+    return float(diff)

@@ -1,0 +1,83 @@
+"""Evaluation through real lm-eval on the tiny model: prompts, adapter, answer extraction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nslora import answers, prompts
+from nslora.config import EvalConfig, LoraParams, TrainConfig
+from nslora.evaluation import adapter_changes_logits, build_lm, evaluate, run_lm_eval
+from nslora.models import load_tokenizer
+from nslora.schemas import EXAMPLES, PREDICTIONS, to_table, write_table
+from nslora.training import encode, init_adapter
+
+EVAL = EvalConfig(batch_size=4, max_new_tokens=8)
+
+
+@pytest.fixture
+def test_parquet(examples, tmp_path):
+    return write_table(examples(6, "test", system_prompt="Count carefully."), tmp_path / "test.parquet", EXAMPLES)
+
+
+def test_lm_eval_context_is_the_training_prompt(tiny_model_dir, test_parquet, examples):
+    """Chat template and system prompt are applied identically in training and evaluation."""
+    lm = build_lm(tiny_model_dir, None, EVAL, precision="fp32", device="cpu")
+    results = run_lm_eval(lm, test_parquet, "Count carefully.", EVAL)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    docs = {row.id: row for row in examples(6, "test", system_prompt="Count carefully.").itertuples()}
+    for sample in results["samples"]["nslora_cot_zeroshot"]:
+        context = sample["arguments"][0][0]
+        row = docs[sample["doc"]["id"]]
+        assert context == prompts.prompt_text(tokenizer, "Count carefully.", row.question)
+        trained = encode(tokenizer, row, max_length=512)
+        assert tokenizer(context, add_special_tokens=False)["input_ids"] == trained.input_ids[:trained.prompt_tokens]
+
+
+def test_evaluate_writes_predictions_and_accuracy(tiny_model_dir, test_parquet):
+    summary, predictions = evaluate(tiny_model_dir, None, test_parquet, "Count carefully.", EVAL, precision="fp32")
+    to_table(predictions, PREDICTIONS)
+    assert summary["n"] == len(predictions) == 6
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["accuracy"] == pytest.approx(predictions["correct_flexible"].mean())
+
+
+def test_adapter_changes_logits_as_loaded_by_the_evaluator(tiny_model_dir, examples, tmp_path):
+    adapter = init_adapter(tiny_model_dir, examples(4), LoraParams(r=4), TrainConfig(batch_size=2), tmp_path / "a")
+    # A fresh LoRA has B = 0 and must not change anything ...
+    assert adapter_changes_logits(tiny_model_dir, adapter) == 0.0
+    # ... a trained one (B != 0) must, or the evaluator silently dropped it.
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v + 0.05 for k, v in weights.items()}, str(adapter / "adapter_model.safetensors"))
+    assert adapter_changes_logits(tiny_model_dir, adapter) > 1e-3
+
+
+def test_generation_speedups_keep_outputs(tiny_model_dir, test_parquet):
+    """The evaluator's generation fixes (contiguous head input, adapter dtype) change nothing."""
+    from lm_eval.models.huggingface import HFLM
+
+    stock = HFLM(pretrained=str(tiny_model_dir), batch_size=4, device="cpu", dtype="float32")
+    _, expected = evaluate(tiny_model_dir, None, test_parquet, "Count carefully.", EVAL, lm=stock)
+    _, ours = evaluate(tiny_model_dir, None, test_parquet, "Count carefully.", EVAL, precision="fp32")
+    assert expected["output"].tolist() == ours["output"].tolist()
+
+
+@pytest.mark.parametrize("output, flexible, strict", [
+    ("Each dog has 4 legs.\n2 * 4 = 8\n#### 8", "8", "8"),
+    ("The answer is 1,234.", "1,234.", "[invalid]"),  # as lm-eval; normalize drops the dot
+    ("no digits here", "[invalid]", "[invalid]"),
+    ("#### -3.50 dollars", "-3.50", "-3.50"),
+])
+def test_answer_extraction(output, flexible, strict):
+    assert answers.flexible_extract(output) == flexible
+    assert answers.strict_match(output) == strict
+
+
+def test_answer_comparison_normalises_like_lm_eval():
+    assert answers.is_correct("1,234", "1234")
+    assert answers.is_correct("$8.", "8")
+    assert answers.is_correct("3.50", "3.5")
+    assert not answers.is_correct("[invalid]", "invalid")
+    assert answers.flexible_extract("so it is kitchen", numeric=False) == "kitchen"
+    assert answers.strict_match("#### TRUE\n", numeric=False) == "TRUE"
