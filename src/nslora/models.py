@@ -193,3 +193,19 @@ def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, attent
 
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=resolve_attention(attention, device, training=True))
+
+
+def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Two fixes that make batched CPU generation ~2x faster without changing what is computed.
+
+    - peft keeps adapter weights in float32 over a bf16 base, so every LoRA call copies its input to
+      float32 and runs a slow rank-r float32 matmul; inference casts them to the base dtype.
+    - The LM head receives a non-contiguous slice (last position only); on CPU that sends
+      `linear` through a batched matmul that materialises batch x hidden x vocab. Make it contiguous.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
