@@ -1,0 +1,341 @@
+"""The teacher against real servers: the stdlib OpenAI-compatible test server (faults injected),
+`transformers serve` on the tiny model, and the in-process LocalEngine.
+
+    python -m pytest tests/test_teacher.py -q
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from nslora.config import TeacherConfig
+from nslora.teacher import (BudgetExhausted, CachedTeacher, TeacherError, cache_key, is_local_url,
+                            make_teacher, safe_url)
+from nslora.teacher_engines import LocalEngine, OpenAIEngine, retry_after_seconds
+from openai_server import OpenAIServer
+
+SECRET = "sk-test-DO-NOT-STORE-4f9c2a"
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You are a teacher."}, {"role": "user", "content": text}]
+
+
+@pytest.fixture
+def server():
+    with OpenAIServer(model="test-model") as srv:
+        yield srv
+
+
+@pytest.fixture
+def make(server, tmp_path):
+    """A CachedTeacher on `server` with fast backoff; `cache` defaults to one dir per test."""
+    made = []
+
+    def _make(cache: Path | None = None, timeout: float = 5.0, **kwargs) -> CachedTeacher:
+        kwargs.setdefault("backoff_base", 0.01)
+        kwargs.setdefault("max_retries", 3)
+        engine = OpenAIEngine(server.base_url, "test-model", SECRET, timeout=timeout)
+        teacher = CachedTeacher(engine, cache or tmp_path / "cache", **kwargs)
+        made.append(teacher)
+        return teacher
+
+    yield _make
+    for teacher in made:
+        teacher.close()
+
+
+def test_reply_then_cache_hit(server, make, tmp_path):
+    teacher = make()
+    assert teacher.generate(ask("2+2?")) == "reply to: 2+2?"
+    assert teacher.generate(ask("2+2?")) == "reply to: 2+2?"
+    assert server.count == 1
+    stats = teacher.stats()
+    assert (stats["calls"], stats["cache_hits"], stats["retries"], stats["failures"]) == (1, 1, 0, 0)
+    assert stats["prompt_tokens"] == 5 and stats["completion_tokens"] == 3  # the server counts words
+    # Request parameters are part of the key: another max_tokens or temperature is another call.
+    teacher.generate(ask("2+2?"), max_tokens=7)
+    teacher.generate(ask("2+2?"), temperature=0.7)
+    assert server.count == 3
+    assert server.requests[1]["max_tokens"] == 7 and server.requests[2]["temperature"] == 0.7
+
+
+def test_cache_survives_a_rerun(server, make, tmp_path):
+    first = make()
+    replies = [first.generate(ask(f"q{i}")) for i in range(3)]
+    files = sorted((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))
+    request = {"engine": "openai", "model": "test-model", "messages": ask("q0"), "max_tokens": 512,
+               "temperature": 0.0}
+    key = cache_key(request)
+    assert tmp_path / "cache" / key[:2] / f"{key}.json" in files
+
+    rerun = make()  # a new process would build exactly this
+    assert [rerun.generate(ask(f"q{i}")) for i in range(3)] == replies
+    assert server.count == 3
+    assert rerun.stats()["calls"] == 0 and rerun.stats()["cache_hits"] == 3
+
+
+def test_server_error_is_retried(server, make):
+    teacher = make()
+    server.fail_next(2, status=500)
+    assert teacher.generate(ask("x")) == "reply to: x"
+    assert server.count == 3 and server.counts_by_status == {500: 2, 200: 1}
+    stats = teacher.stats()
+    assert stats["calls"] == 1 and stats["retries"] == 2 and stats["retries_by_reason"] == {"http_500": 2}
+
+
+def test_rate_limit_waits_for_retry_after(server, make):
+    teacher = make(backoff_base=0.01)
+    server.fail_next(1, status=429, retry_after=1)
+    start = time.monotonic()
+    assert teacher.generate(ask("x")) == "reply to: x"
+    assert time.monotonic() - start >= 1.0  # backoff alone would wait ~0.01 s
+    assert server.counts_by_status == {429: 1, 200: 1}
+    assert teacher.stats()["retries_by_reason"] == {"rate_limited": 1}
+
+
+@pytest.mark.parametrize("kind", ["not_json", "no_choices", "empty_content"])
+def test_malformed_reply_is_retried(server, make, kind):
+    teacher = make()
+    server.malform_next(1, kind)
+    assert teacher.generate(ask("x")) == "reply to: x"
+    assert teacher.stats()["retries_by_reason"] == {"malformed": 1}
+
+
+def test_malformed_replies_give_up_after_max_retries(server, make, tmp_path):
+    teacher = make(max_retries=2)
+    server.malform_next(5, "not_json")
+    with pytest.raises(TeacherError, match="after 3 attempts: malformed: reply is not JSON"):
+        teacher.generate(ask("x"))
+    assert server.count == 3
+    stats = teacher.stats()
+    assert stats["failures"] == 1 and stats["failures_by_reason"] == {"malformed": 1}
+    assert stats["retries"] == 2
+    assert not list((tmp_path / "cache").rglob("*.json"))  # failures are not cached
+
+
+def test_too_slow_times_out_then_retries_or_fails(server, make):
+    teacher = make(timeout=0.5, max_retries=1)
+    server.stall_next(1, seconds=3)
+    start = time.monotonic()
+    assert teacher.generate(ask("slow")) == "reply to: slow"
+    assert time.monotonic() - start < 2.5
+    assert teacher.stats()["retries_by_reason"] == {"timeout": 1}
+
+    server.stall_next(2, seconds=3)
+    with pytest.raises(TeacherError, match="timeout: no reply .* within 0.5s"):
+        teacher.generate(ask("slower"))
+    assert teacher.stats()["failures_by_reason"] == {"timeout": 1}
+
+
+def test_budget_exhausted(server, make):
+    teacher = make(max_calls=2)
+    teacher.generate(ask("a"))
+    teacher.generate(ask("b"))
+    with pytest.raises(BudgetExhausted, match="teacher.max_calls_per_epoch"):
+        teacher.generate(ask("c"))
+    assert teacher.generate(ask("a")) == "reply to: a"  # cache hits stay free
+    assert server.count == 2
+    stats = teacher.stats()
+    assert (stats["calls"], stats["cache_hits"], stats["budget_exhausted"]) == (2, 1, 1)
+
+
+def test_concurrent_threads_get_their_own_answers(tmp_path):
+    # Latency makes calls overlap; duplicates across threads must cost one call each.
+    with OpenAIServer(model="test-model", latency=0.05) as srv:
+        teacher = CachedTeacher(OpenAIEngine(srv.base_url, "test-model", SECRET, timeout=5),
+                                tmp_path / "cache")
+        results: dict[tuple[int, int], str] = {}
+        errors: list[Exception] = []
+
+        def work(t: int) -> None:
+            try:
+                for i in range(6):
+                    results[t, i] = teacher.generate(ask(f"question {(t * 6 + i) % 24}"))
+            except Exception as err:  # surfaced below; a thread's exception is otherwise lost
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        teacher.close()
+        assert not errors
+        assert all(reply == f"reply to: question {(t * 6 + i) % 24}" for (t, i), reply in results.items())
+        assert len(results) == 48 and srv.count == 24
+        assert teacher.stats()["calls"] == 24 and teacher.stats()["cache_hits"] == 24
+
+
+def test_client_errors_fail_at_once_naming_the_param(tmp_path):
+    with OpenAIServer(model="test-model", api_key=SECRET) as srv:
+        wrong_key = CachedTeacher(OpenAIEngine(srv.base_url, "test-model", "sk-wrong", timeout=5,
+                                               api_key_env="MY_KEY"), tmp_path / "a")
+        with pytest.raises(TeacherError, match=r"not retried.*teacher.api_key_env.*\$MY_KEY"):
+            wrong_key.generate(ask("x"))
+        wrong_model = CachedTeacher(OpenAIEngine(srv.base_url, "gpt-nope", SECRET, timeout=5), tmp_path / "b")
+        with pytest.raises(TeacherError, match="not retried.*teacher.model='gpt-nope'"):
+            wrong_model.generate(ask("x"))
+        assert srv.counts_by_status == {401: 1, 404: 1}
+        assert wrong_key.stats()["failures_by_reason"] == {"http_401": 1}
+
+
+def test_api_key_is_never_written_or_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NSLORA_TEST_TEACHER_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    with OpenAIServer(model="test-model", api_key=SECRET) as srv:
+        config = TeacherConfig(engine="openai", model="test-model", base_url=srv.base_url,
+                               api_key_env="NSLORA_TEST_TEACHER_KEY", max_retries=2)
+        teacher = make_teacher(config, tmp_path / "cache")
+        teacher.backoff_base = 0.01
+        srv.fail_next(1, status=503)
+        assert teacher.generate(ask("x")) == "reply to: x"  # the server checked the key
+        teacher.close()
+        base_url = srv.base_url
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        assert SECRET.encode() not in data and base_url.encode() not in data, path
+    assert SECRET not in caplog.text and SECRET not in repr(teacher)
+
+
+def test_missing_key_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("NSLORA_UNSET_KEY", raising=False)
+    remote = TeacherConfig(engine="openai", model="gpt-4o", base_url="https://api.example.com/v1",
+                           api_key_env="NSLORA_UNSET_KEY")
+    with pytest.raises(TeacherError, match="set the environment variable NSLORA_UNSET_KEY"):
+        make_teacher(remote, tmp_path)
+    default_url = TeacherConfig(engine="openai", model="gpt-4o", api_key_env="NSLORA_UNSET_KEY")
+    with pytest.raises(TeacherError, match="NSLORA_UNSET_KEY.*api.openai.com"):
+        make_teacher(default_url, tmp_path)
+    # A server on this machine needs no key.
+    with OpenAIServer(model="test-model") as srv:
+        local = TeacherConfig(engine="openai", model="test-model", base_url=srv.base_url,
+                              api_key_env="NSLORA_UNSET_KEY")
+        with make_teacher(local, tmp_path) as teacher:
+            assert teacher.generate(ask("x")) == "reply to: x"
+
+
+def test_make_teacher_rejects_hint_and_local_without_model(tmp_path):
+    with pytest.raises(ValueError, match="not a chat teacher"):
+        make_teacher(TeacherConfig(engine="hint"), tmp_path)
+    with pytest.raises(ValueError, match="needs local_model_dir"):
+        make_teacher(TeacherConfig(engine="local"), tmp_path)
+
+
+def test_local_engine_is_deterministic_and_counts_tokens(tiny_model_dir, tmp_path):
+    config = TeacherConfig(engine="local", model="tiny-llama", max_tokens=12)
+    teacher = make_teacher(config, tmp_path / "a", local_model_dir=tiny_model_dir, precision="fp32")
+    engine = teacher.engine
+    greedy = teacher.generate(ask("How many legs do 3 chickens have?"))
+    # A fresh cache forces a second generation: greedy decoding gives the same text.
+    again = CachedTeacher(engine, tmp_path / "b", max_tokens=12)
+    assert again.generate(ask("How many legs do 3 chickens have?")) == greedy
+    stats = teacher.stats()
+    prompt_ids = engine.tokenizer(engine.prompt(ask("How many legs do 3 chickens have?")),
+                                  add_special_tokens=False)["input_ids"]
+    assert stats["prompt_tokens"] == len(prompt_ids)
+    assert 1 <= stats["completion_tokens"] <= 12
+
+    # Sampling: seeded from the request, so a rerun reproduces it, without touching global RNG.
+    torch.manual_seed(123)
+    expected_rng = torch.rand(3)
+    torch.manual_seed(123)
+    sampled = [CachedTeacher(engine, tmp_path / f"s{i}", max_tokens=12).generate(
+        ask("Count the legs."), temperature=1.0) for i in range(2)]
+    assert torch.equal(torch.rand(3), expected_rng)
+    assert sampled[0] == sampled[1]
+    fresh = CachedTeacher(engine, tmp_path / "t", max_tokens=12)
+    others = {fresh.generate(ask(f"Count {i}"), temperature=1.0) for i in range(4)}
+    assert len(others) > 1  # different requests, different seeds
+
+
+def test_urls_and_retry_after_parsing():
+    with_secrets = "https://user:pw@proxy.example.com:8443/v1?api-key=abc"
+    assert safe_url(with_secrets) == "https://proxy.example.com:8443/v1"
+    assert safe_url(None) == "https://api.openai.com/v1"
+    assert is_local_url("http://localhost:8000/v1") and not is_local_url("https://api.example.com/v1")
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after_seconds({"retry-after": in_30s}) <= 30
+    assert retry_after_seconds({}) is None and retry_after_seconds({"retry-after": "soon"}) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(tiny_model_dir):
+    """`transformers serve` on the tiny model, offline; yields its base URL."""
+    cli = shutil.which("transformers")
+    if cli is None:
+        pytest.skip("the `transformers` CLI is not installed")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        pytest.skip("transformers serve needs transformers[serving] (fastapi, uvicorn)")
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    log_path = tiny_model_dir.parent / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1",
+                                 "--port", str(port), "--device", "cpu"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"transformers serve did not start:\n{log_path.read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_transformers_serve_end_to_end(transformers_serve, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("NSLORA_TEST_UNSET", raising=False)
+    # The server only answers to the model name exactly as on its command line.
+    config = TeacherConfig(engine="openai", model=str(tiny_model_dir), base_url=transformers_serve,
+                           api_key_env="NSLORA_TEST_UNSET", max_tokens=8, timeout=30)
+    with make_teacher(config, tmp_path / "cache") as teacher:
+        reply = teacher.generate(ask("How many legs do 3 chickens have?"))
+        assert teacher.generate(ask("How many legs do 3 chickens have?")) == reply
+        stats = teacher.stats()
+    assert stats["calls"] == 1 and stats["cache_hits"] == 1 and stats["failures"] == 0
+    assert stats["prompt_tokens"] > 0 and 0 < stats["completion_tokens"] <= 8
+    # Same weights, same template, greedy: the in-process engine writes the same reply.
+    local = LocalEngine(tiny_model_dir, "fp32").complete(ask("How many legs do 3 chickens have?"), 8, 0.0)
+    assert local.text == reply
+    assert local.prompt_tokens == stats["prompt_tokens"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
