@@ -74,6 +74,8 @@ def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
         "data": {"train_size": 12, "test_size": 4},
         "train": {"batch_size": 4, "max_length": 160},
         "eval": {"batch_size": 4, "max_new_tokens": 6},
+        "symbolic": {"ratio": 0.5, "student_max_new_tokens": 6},
+        "teacher": {"model": str(tiny_model_dir), "max_tokens": 16, "max_calls_per_epoch": 6},
     })
     run(["dvc", "repro"], repo)
     summary = check_outputs(repo, epochs=2)

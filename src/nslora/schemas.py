@@ -57,6 +57,46 @@ SAMPLE_STATS = pa.schema(
     metadata={"name": "nslora.sample_stats", "version": "1"},
 )
 
+# The criterion's verdict on every training sample after an epoch: its score (lower = stalled,
+# a candidate for a symbolic update), rank among eligible samples, whether it was selected, and for
+# selected samples the student's answer and whether it was correct.
+SELECTION = pa.schema(
+    [
+        ("id", pa.string()),
+        ("epoch", pa.int64()),
+        ("criterion", pa.string()),
+        ("score", pa.float64()),
+        ("eligible", pa.bool_()),
+        ("rank", pa.int64()),
+        ("selected", pa.bool_()),
+        ("student_output", pa.string()),
+        ("student_answer", pa.string()),
+        ("correct", pa.bool_()),
+    ],
+    metadata={"name": "nslora.selection", "version": "1"},
+)
+
+# One symbolically updated sample of one epoch: what was proposed, what was kept, and why.
+REWRITES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("epoch", pa.int64()),
+        ("iterations", pa.int64()),            # proposals asked for (including a rejected last one)
+        ("original_question", pa.string()),    # the source text, before any epoch's rewrite
+        ("question_before", pa.string()),      # the question trained on in this epoch
+        ("proposed_question", pa.string()),    # the last proposal, accepted or not ('' if none)
+        ("question_after", pa.string()),       # the question the next epoch trains on
+        ("accepted", pa.bool_()),              # question_after differs from question_before
+        ("reason", pa.string()),               # 'correct', 'max_iters' or why the last step failed
+        ("feedback", pa.string()),             # the teacher's critiques, one per iteration
+        ("student_output_before", pa.string()),
+        ("student_output_after", pa.string()),
+        ("correct_after", pa.bool_()),
+        ("engine", pa.string()),
+    ],
+    metadata={"name": "nslora.rewrites", "version": "1"},
+)
+
 # One evaluated test question: what the model generated and what was extracted from it.
 PREDICTIONS = pa.schema(
     [

@@ -243,6 +243,13 @@ def _system_prompt(train_df: pd.DataFrame) -> str:
     return str(prompts_used[0]) if len(prompts_used) else ""
 
 
+def _record(sample: EncodedSample, epoch: int, batch_index: int, loss: float, grad_norm: float) -> dict:
+    empty = sample.answer_tokens == 0  # cut off by max_length: no loss, no gradient
+    return {"id": sample.id, "epoch": epoch, "batch_index": batch_index,
+            "loss": float("nan") if empty else loss, "grad_norm": 0.0 if empty else grad_norm,
+            "answer_tokens": sample.answer_tokens, "tokens": len(sample.input_ids)}
+
+
 class LoraTrainer:
     """Continues training from an adapter directory, one epoch at a time.
 
@@ -291,18 +298,7 @@ class LoraTrainer:
     def run_epoch(self, train_df: pd.DataFrame, epoch: int, progress: bool = True) -> pd.DataFrame:
         """One pass over the batch plan. Returns per-sample statistics (schemas.SAMPLE_STATS)."""
         acc = self.accelerator
-        samples = encode_all(self.tokenizer, train_df, self.train.max_length)
-        planned = {i for batch in self.batches for i in batch}
-        missing = sorted(planned - set(samples))
-        if missing:
-            raise TrainingDataError(
-                f"training data lacks {len(missing)} sample id(s) of the batch plan "
-                f"(first: {missing[0]}); the plan in {self.adapter_dir / BATCHES_FILE} was composed "
-                "from the epoch-1 data and every later epoch must keep the same ids."
-            )
-        if len(samples) != len(planned):
-            log.warning("%d sample(s) are not in the batch plan and are not trained on",
-                        len(samples) - len(planned))
+        samples = self._samples_in_plan(train_df)
         self.model.train()
         tracker = PerSampleGradNorms(self.model) if self.record_grad_norms else None
         records: list[dict] = []
@@ -321,11 +317,8 @@ class LoraTrainer:
                 last = j == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
                     losses, norms = self._forward_backward(micro, scale, tracker)
-                for s, l, g in zip(micro, losses.tolist(), norms.tolist()):
-                    empty = s.answer_tokens == 0
-                    records.append({"id": s.id, "epoch": epoch, "batch_index": batch_index,
-                                    "loss": float("nan") if empty else l, "grad_norm": 0.0 if empty else g,
-                                    "answer_tokens": s.answer_tokens, "tokens": len(s.input_ids)})
+                records += [_record(s, epoch, batch_index, l, g)
+                            for s, l, g in zip(micro, losses.tolist(), norms.tolist())]
             if self.train.max_grad_norm:
                 acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
             self.optimizer.step()
@@ -335,11 +328,49 @@ class LoraTrainer:
             if batch_index % 4 == 0:
                 bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in records[-len(mine):]]):.3f}",
                                 tok_s=f"{tokens * acc.num_processes / (time.perf_counter() - start):.0f}")
+        stats = self._gather(records)
+        self.seconds = time.perf_counter() - start
+        self.tokens = int(stats["tokens"].sum())
+        return stats
+
+    def measure_losses(self, train_df: pd.DataFrame, epoch: int, progress: bool = True) -> pd.DataFrame:
+        """Per-sample losses of the current adapter without training (grad_norm is NaN): the
+        reference L_0 that the loss-change-ratio criterion compares epoch 1 against."""
+        samples = self._samples_in_plan(train_df)
+        self.model.eval()
+        records = []
+        acc = self.accelerator
+        bar = tqdm(self.batches, desc=f"losses at epoch {epoch}", disable=not (progress and acc.is_main_process))
+        with torch.no_grad():
+            for batch_index, batch_ids in enumerate(bar):
+                mine = [samples[i] for i in batch_ids[acc.process_index::acc.num_processes]]
+                for micro in split_micro_batches(mine, self.train.micro_batch_tokens):
+                    tensors = {k: v.to(self.device) for k, v in collate(micro, self.tokenizer.pad_token_id).items()}
+                    with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                        losses = self.loss_module(**tensors).float().tolist()
+                    records += [_record(s, epoch, batch_index, l, float("nan")) for s, l in zip(micro, losses)]
+        return self._gather(records)
+
+    def _samples_in_plan(self, train_df: pd.DataFrame) -> dict[str, EncodedSample]:
+        samples = encode_all(self.tokenizer, train_df, self.train.max_length)
+        planned = {i for batch in self.batches for i in batch}
+        missing = sorted(planned - set(samples))
+        if missing:
+            raise TrainingDataError(
+                f"training data lacks {len(missing)} sample id(s) of the batch plan "
+                f"(first: {missing[0]}); the plan in {self.adapter_dir / BATCHES_FILE} was composed "
+                "from the epoch-1 data and every later epoch must keep the same ids."
+            )
+        if len(samples) != len(planned):
+            log.warning("%d sample(s) are not in the batch plan and are not trained on",
+                        len(samples) - len(planned))
+        return samples
+
+    def _gather(self, records: list[dict]) -> pd.DataFrame:
         from accelerate.utils import gather_object
 
-        records = gather_object(records) if acc.num_processes > 1 else records
-        self.seconds = time.perf_counter() - start
-        self.tokens = sum(r["tokens"] for r in records)
+        if self.accelerator.num_processes > 1:
+            records = gather_object(records)
         return pd.DataFrame(records).sort_values(["batch_index", "id"]).reset_index(drop=True)
 
     def _forward_backward(self, micro: list[EncodedSample], scale: float,

