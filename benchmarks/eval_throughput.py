@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="Materialised HF model (default: embedded SmolLM2).")
     args = parser.parse_args()
 
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     from nslora.config import DataConfig, EvalConfig
@@ -40,7 +41,7 @@ def main() -> None:
         results = {}
 
         start = time.perf_counter()
-        stock = HFLM(pretrained=model_dir, batch_size=1)
+        stock = HFLM(pretrained=model_dir, batch_size=1, device="cuda" if torch.cuda.is_available() else "cpu")
         load = time.perf_counter() - start
         summary, _ = evaluate(model_dir, None, test_path, data.system_prompt, EvalConfig(batch_size=1), lm=stock)
         results["lm_eval_bs1"] = {**_figures(summary), "load_seconds": round(load, 1)}

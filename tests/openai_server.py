@@ -16,7 +16,7 @@ thread, so latency does not serialise concurrent clients.
 
 Run by hand (Ctrl-C stops it):
 
-    python tests/openai_server.py --port 8000 --latency 0.5 --model test-model
+    python tests/openai_server.py --port 8000 --latency 0.5 --model test-model [--textgrad]
 """
 
 from __future__ import annotations
@@ -40,6 +40,24 @@ def echo_reply(request: dict) -> str:
     """The default reply: computed from the last user message, so answers can be checked."""
     users = [m.get("content", "") for m in request.get("messages", []) if m.get("role") == "user"]
     return f"reply to: {users[-1] if users else ''}"
+
+
+def textgrad_teacher_reply(request: dict) -> str:
+    """A deterministic stand-in for a capable teacher answering TextGrad's three prompt kinds: the
+    loss (a critique), the backward pass (feedback on the question) and the TGD update (the question
+    with a guiding sentence appended, inside <IMPROVED_VARIABLE> tags, keeping every number)."""
+    import re
+
+    messages = request.get("messages", [])
+    system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
+    user = messages[-1].get("content", "") if messages else ""
+    if "<IMPROVED_VARIABLE>" in system:
+        current = re.search(r"<VARIABLE>(.*?)</VARIABLE>", user, re.S)
+        text = current.group(1).strip() if current else ""
+        return f"<IMPROVED_VARIABLE>{text} Work out each group first, then add them.</IMPROVED_VARIABLE>"
+    if "<OBJECTIVE_FUNCTION>" in user:
+        return "The question should ask for the count of each group before the total."
+    return "The answer is wrong: it does not add the legs of every animal."
 
 
 @dataclass
@@ -106,6 +124,11 @@ class OpenAIServer:
     def _queue(self, n: int, fault: _Fault) -> None:
         with self._lock:
             self._faults.extend([fault] * n)
+
+    def clear_faults(self) -> None:
+        """Drop the faults still queued."""
+        with self._lock:
+            self._faults.clear()
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -256,8 +279,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per chat request")
     parser.add_argument("--model", default=None, help="only accept this model name (default: any)")
     parser.add_argument("--api-key", default=None, help="require this bearer key")
+    parser.add_argument("--textgrad", action="store_true", help="answer like a TextGrad teacher")
     args = parser.parse_args()
-    server = OpenAIServer(model=args.model, latency=args.latency, api_key=args.api_key,
+    server = OpenAIServer(reply=textgrad_teacher_reply if args.textgrad else None, model=args.model, latency=args.latency, api_key=args.api_key,
                           host=args.host, port=args.port, verbose=True).start()
     print(f"serving on {server.base_url} (Ctrl-C stops)", flush=True)
     try:

@@ -106,6 +106,8 @@ def test_dvc_repro_embedded_model(tmp_path):
     repo = make_repo(tmp_path, {
         "data": {"train_size": 16, "test_size": 8},
         "eval": {"max_new_tokens": 48},
+        "symbolic": {"ratio": 0.25, "student_max_new_tokens": 64},
+        "teacher": {"max_tokens": 48, "max_calls_per_epoch": 4},
         "epochs": {"1": {"prev": 0, "evaluate": True}},
     })
     run(["dvc", "repro"], repo, timeout=1500)
