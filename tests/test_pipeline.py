@@ -14,6 +14,7 @@ import yaml
 
 from conftest import ROOT
 from nslora.schemas import EXAMPLES, PREDICTIONS, SAMPLE_STATS, read_table
+from openai_server import OpenAIServer, textgrad_teacher_reply
 
 REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvcignore"]
 
@@ -60,6 +61,7 @@ def check_outputs(repo: Path, epochs: int) -> dict:
         stats = read_table(repo / "data" / "stats" / f"epoch_{k}.parquet", SAMPLE_STATS)
         train = read_table(repo / "data" / "train" / "epoch_0.parquet", EXAMPLES)
         assert sorted(stats["id"]) == sorted(train["id"])
+        assert (stats["answer_tokens"] > 0).all(), "max_length cut some answers off"
         assert (stats["grad_norm"] > 0).all() and stats["loss"].notna().all()
         read_table(repo / "data" / "eval" / f"epoch_{k}.parquet", PREDICTIONS)
     curve = pd.read_csv(repo / "metrics" / "accuracy.csv")
@@ -69,35 +71,58 @@ def check_outputs(repo: Path, epochs: int) -> dict:
 
 
 def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
-    repo = make_repo(tmp_path, {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"train_size": 12, "test_size": 4},
-        "train": {"batch_size": 4, "max_length": 160},
-        "eval": {"batch_size": 4, "max_new_tokens": 6},
-        "symbolic": {"ratio": 0.5, "student_max_new_tokens": 6},
-        "teacher": {"model": str(tiny_model_dir), "max_tokens": 16, "max_calls_per_epoch": 6},
-    })
-    run(["dvc", "repro"], repo)
-    summary = check_outputs(repo, epochs=2)
-    assert summary["final_epoch"] == 2 and summary["n"] == 4
+    """The whole loop on the tiny model with a teacher behind a real OpenAI-compatible server."""
+    with OpenAIServer(reply=textgrad_teacher_reply) as server:
+        repo = make_repo(tmp_path, {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"train_size": 12, "test_size": 4},
+            "train": {"batch_size": 4, "max_length": 512},
+            "eval": {"batch_size": 4, "max_new_tokens": 6},
+            "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": 6},
+            "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
+        })
+        run(["dvc", "repro"], repo)
+        summary = check_outputs(repo, epochs=2)
+        assert summary["final_epoch"] == 2 and summary["n"] == 4
+        calls = server.count
+        symbolic = json.loads((repo / "metrics" / "symbolic" / "epoch_1.json").read_text())
+        assert symbolic["accepted"] == 3 and symbolic["teacher"]["calls"] == 12 and calls == 24
+        # The rewrites flow into the next epoch's training data, and epoch 2 trained on them.
+        rewritten = read_table(repo / "data" / "train" / "epoch_1.parquet", EXAMPLES)
+        assert (rewritten["rewrite_epoch"] == 1).sum() == 3
+        meta = [json.loads((repo / "models" / "adapters" / f"epoch_{k}" / "meta.json").read_text()) for k in (1, 2)]
+        assert meta[0]["data_sha256"] != meta[1]["data_sha256"]
 
-    start = time.perf_counter()
-    again = run(["dvc", "repro"], repo)
-    assert "Data and pipelines are up to date" in again.stdout
-    assert time.perf_counter() - start < 5
+        start = time.perf_counter()
+        again = run(["dvc", "repro"], repo)
+        assert "Data and pipelines are up to date" in again.stdout
+        assert time.perf_counter() - start < 5
 
-    # An evaluation-only change re-runs evaluation, not training.
-    rerun = run(["dvc", "exp", "run", "-S", "eval.max_new_tokens=4"], repo)
-    assert "Running stage 'evaluate@2'" in rerun.stdout
-    assert "Running stage 'lora_epoch@1'" not in rerun.stdout
-    assert "Running stage 'prepare'" not in rerun.stdout
+        # Forcing the rewrite again with the cache warm makes no teacher call.
+        forced = run(["dvc", "repro", "-f", "-s", "symbolic_rewrite@1"], repo)
+        assert "Running stage 'symbolic_rewrite@1'" in forced.stdout and server.count == calls
 
-    # A third epoch continues from epoch 2 without re-running epochs 1-2.
-    run(["nslora", "epochs", "3"], repo)
-    third = run(["dvc", "repro"], repo)
-    assert "Running stage 'lora_epoch@3'" in third.stdout
-    assert "Running stage 'lora_epoch@2'" not in third.stdout
-    check_outputs(repo, epochs=3)
+        # Another criterion re-runs selection onwards, not data preparation or epoch 1.
+        other = run(["dvc", "exp", "run", "-S", "criteria=grad_norm"], repo)
+        assert "Running stage 'score_criteria@1'" in other.stdout
+        for skipped in ("prepare", "init_lora", "lora_epoch@1", "evaluate_base"):
+            assert f"Running stage '{skipped}'" not in other.stdout
+        table = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+        shown = json.dumps(table)
+        for column in ("final_accuracy", "metrics/symbolic/epoch_1.json", "accepted", "selected", "calls"):
+            assert column in shown
+
+        # An evaluation-only change re-runs evaluation, not training.
+        rerun = run(["dvc", "exp", "run", "-S", "eval.max_new_tokens=4"], repo)
+        assert "Running stage 'evaluate@2'" in rerun.stdout
+        assert "Running stage 'lora_epoch@1'" not in rerun.stdout
+
+        # A third epoch continues from epoch 2 without re-running epochs 1-2.
+        run(["nslora", "epochs", "3"], repo)
+        third = run(["dvc", "repro"], repo)
+        assert "Running stage 'lora_epoch@3'" in third.stdout
+        assert "Running stage 'lora_epoch@2'" not in third.stdout
+        check_outputs(repo, epochs=3)
 
 
 @pytest.mark.slow

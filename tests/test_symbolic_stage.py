@@ -128,3 +128,20 @@ def test_budget_ends_cleanly_and_a_resumed_run_repeats_no_completed_call(inputs,
     _, second = run_stage(inputs, server, tmp_path / "resume", tmp_path / "cache")
     assert second["teacher"]["cache_hits"] == 6 and second["teacher"]["calls"] == CALLS - 6
     assert server.count == CALLS and second["accepted"] == SAMPLES
+
+
+def test_openai_path_end_to_end_with_transformers_serve(inputs, transformers_serve, tmp_path):
+    """A real model server (the tiny random Llama behind `transformers serve`): its replies are
+    nonsense, so every rewrite is refused for a recorded reason and the originals are kept."""
+    server = type("Serve", (), {"base_url": transformers_serve})()
+    _, metrics = run_stage(inputs, server, tmp_path / "run", tmp_path / "cache",
+                           model=str(inputs["model"]), max_tokens=24)
+    teacher = metrics["teacher"]
+    assert teacher["calls"] > 0 and teacher["completion_tokens"] > 0
+    # A random model sometimes says nothing at all: an empty reply is retried, then recorded.
+    assert sum(teacher["failures_by_reason"].values()) == teacher["failures"]
+    log = read_table(tmp_path / "run" / "rewrites.parquet", REWRITES)
+    assert len(log) == SAMPLES and (log["reason"] != "").all()
+    train = read_table(tmp_path / "run" / "train_1.parquet", EXAMPLES)
+    kept = train[train["rewrite_epoch"] == 0]
+    assert len(kept) >= 8 - metrics["accepted"]

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -275,49 +270,6 @@ def test_urls_and_retry_after_parsing():
     in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < retry_after_seconds({"retry-after": in_30s}) <= 30
     assert retry_after_seconds({}) is None and retry_after_seconds({"retry-after": "soon"}) is None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def transformers_serve(tiny_model_dir):
-    """`transformers serve` on the tiny model, offline; yields its base URL."""
-    cli = shutil.which("transformers")
-    if cli is None:
-        pytest.skip("the `transformers` CLI is not installed")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        pytest.skip("transformers serve needs transformers[serving] (fastapi, uvicorn)")
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log_path = tiny_model_dir.parent / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1",
-                                 "--port", str(port), "--device", "cpu"],
-                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"transformers serve did not start:\n{log_path.read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_transformers_serve_end_to_end(transformers_serve, tiny_model_dir, tmp_path, monkeypatch):
