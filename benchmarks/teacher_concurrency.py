@@ -1,6 +1,6 @@
 """Teacher concurrency: wall time of the symbolic_rewrite stage at concurrency 8 vs 1.
 
-Run as: python benchmarks/teacher_concurrency.py [--samples 16] [--latency 0.5]
+Run as: python benchmarks/teacher_concurrency.py [--samples 32] [--latency 1.0]
 
 The teacher is a local OpenAI-compatible endpoint (tests/openai_server.py) answering TextGrad's
 prompts after a fixed per-call latency, as a remote API would; the student is a tiny random Llama,
@@ -38,6 +38,9 @@ def prepare(work: Path, samples: int) -> dict:
 
     model = build_tiny_model(work / "tiny")
     train = make_examples(samples)
+    # Distinct questions: a repeated one would be a cache hit, free at concurrency 1 only.
+    train["question"] = [f"On farm {i}: {q}" for i, q in enumerate(train["question"])]
+    train["original_question"] = train["question"]
     write_table(train, work / "train.parquet", EXAMPLES)
     adapter = init_adapter(model, train, LoraParams(r=4), TrainConfig(batch_size=4), work / "epoch_1")
     selection = pd.DataFrame({
@@ -72,8 +75,8 @@ def run_stage(work: Path, inputs: dict, base_url: str, concurrency: int) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--latency", type=float, default=0.5, help="seconds per teacher call")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds per teacher call (hosted APIs: 1-5 s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, OpenAIServer(reply=textgrad_teacher_reply,
                                                             latency=args.latency) as server:
