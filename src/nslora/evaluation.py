@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 
 from .config import EvalConfig
-from .models import load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
+from .models import END_OF_TURN, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
 from .prompts import has_chat_template
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "nslora_cot_zeroshot"
-# End-of-turn markers of common chat templates, plus gsm8k_cot_zeroshot's "Q:".
-STOP_STRINGS = ["Q:", "</s>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"]
+# gsm8k_cot_zeroshot's stop strings plus the end-of-turn markers of common chat templates.
+STOP_STRINGS = ["Q:", "</s>", *END_OF_TURN]
 
 
 def write_task_yaml(directory: Path | str, test_path: Path | str, max_new_tokens: int) -> Path:

@@ -209,3 +209,17 @@ def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
+# End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma): generation stops at them.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus whichever end-of-turn markers the tokenizer knows, for `generate(eos_token_id=...)`."""
+    stops = {tokenizer.eos_token_id}
+    for marker in END_OF_TURN:
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            stops.add(token)
+    return sorted(t for t in stops if t is not None)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import prompts
-from .models import load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
+from .models import load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation, stop_token_ids
 
 
 class Student:
@@ -41,12 +41,7 @@ class Student:
         speed_up_generation(self.model, self.dtype)
         self.batch_size = batch_size
         self._lock = threading.Lock()
-        stops = {self.tokenizer.eos_token_id}
-        for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-            token = self.tokenizer.convert_tokens_to_ids(marker)
-            if isinstance(token, int) and token != self.tokenizer.unk_token_id:
-                stops.add(token)
-        self.stop_ids = sorted(t for t in stops if t is not None)
+        self.stop_ids = stop_token_ids(self.tokenizer)
 
     def answer(self, system_prompt: str, questions: list[str], max_new_tokens: int = 256,
                progress: bool = False) -> list[str]:

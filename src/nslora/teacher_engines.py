@@ -183,7 +183,7 @@ class LocalEngine:
         """
         from transformers import AutoModelForCausalLM
 
-        from .models import load_tokenizer, resolve_dtype, speed_up_generation
+        from .models import load_tokenizer, resolve_dtype, speed_up_generation, stop_token_ids
 
         self.model = name or str(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -191,12 +191,7 @@ class LocalEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         speed_up_generation(self.lm, self.dtype)
-        stops = {self.tokenizer.eos_token_id}
-        for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-            token = self.tokenizer.convert_tokens_to_ids(marker)
-            if isinstance(token, int) and token != self.tokenizer.unk_token_id:
-                stops.add(token)
-        self.stop_ids = sorted(t for t in stops if t is not None)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
