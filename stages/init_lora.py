@@ -1,4 +1,4 @@
-"""Epoch 0: a fresh LoRA adapter with its batch plan (composed once, replayed every epoch), and
+"""Epoch 0: a fresh LoRA (or, for method=prefix, prefix-tuning) adapter with its batch plan (composed once, replayed every epoch), and
 the initial model's per-sample losses (the reference of the loss-change-ratio criterion at epoch 1).
 
 Run as: python stages/init_lora.py --params params.yaml --base models/base \
@@ -7,6 +7,7 @@ Run as: python stages/init_lora.py --params params.yaml --base models/base \
 
 import click
 
+from nslora.methods import adapter_type
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, read_table, write_table
 from nslora.training import LoraTrainer, init_adapter
 from nslora_cli.params_file import load_params
@@ -24,7 +25,7 @@ def main(params_path: str, base_dir: str, train_path: str, out_dir: str, stats_p
     with user_errors():
         params = load_params(params_path)
         train = read_table(train_path, EXAMPLES)
-        path = init_adapter(base_dir, train, params.lora, params.train, out_dir)
+        path = init_adapter(base_dir, train, params.lora, params.train, out_dir, adapter_type(params.method))
         trainer = LoraTrainer(base_dir, path, params.train, precision=params.model.precision,
                               attention=params.model.attention, record_grad_norms=False)
         write_table(trainer.measure_losses(train, epoch=0), stats_path, SAMPLE_STATS)

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from nslora.criteria import build_selection
+from nslora.methods import symbolic_settings
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, SELECTION, read_table, write_table
 from nslora.student import Student
 from nslora_cli.params_file import load_params
@@ -40,7 +41,8 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, stats_path, prev
             return Student(base_dir, adapter_dir, params.model.precision, params.model.attention,
                            batch_size=params.eval.batch_size)
 
-        selection, metrics = build_selection(train, stats, previous, params.criteria, params.symbolic,
+        cfg = symbolic_settings(params.method, params.symbolic)
+        selection, metrics = build_selection(train, stats, previous, params.criteria, cfg,
                                              seed=params.train.seed, epoch=epoch, make_student=student)
     write_table(selection, out_path, SELECTION)
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)

@@ -15,21 +15,13 @@ from pathlib import Path
 
 import click
 
-from nslora.models import materialize
 from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_table
 from nslora.student import Student
-from nslora.symbolic import HintRewriter, TextGradRewriter, rewrite_epoch
+from nslora.methods import rewrites_questions, symbolic_settings
+from nslora.symbolic import CritiqueOnly, HintRewriter, TextGradRewriter, rewrite_epoch
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
-
-
-def local_teacher_dir(params, base_dir: str, cache_dir: Path) -> Path:
-    """The HF directory of a local teacher: the base model itself, or a materialised copy."""
-    if params.teacher.model == params.model.name:
-        return Path(base_dir)
-    target = cache_dir.parent / "models" / params.teacher.model.replace(":", "_").replace("/", "--")
-    return target if (target / "config.json").exists() else materialize(params.teacher.model, target)
+from nslora_cli.stage import setup_logging, teacher_model_dir, user_errors
 
 
 @click.command()
@@ -50,7 +42,10 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
     teacher = None
     with user_errors():
         params = load_params(params_path)
-        cfg, engine = params.symbolic, params.teacher.engine
+        cfg, engine = symbolic_settings(params.method, params.symbolic), params.teacher.engine
+        if engine == "hint" and not rewrites_questions(params.method) and cfg.trigger != "never":
+            raise ValueError(f"method={params.method} refines the system prompt from a teacher's critiques: "
+                             "set teacher.engine to local or openai (hint has no critiques)")
         train = read_table(train_path, EXAMPLES)
         selection = read_table(selection_path, SELECTION)
         work = selection[selection["selected"] & ~selection["correct"]]
@@ -61,10 +56,12 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
             if engine == "hint":
                 rewriter = HintRewriter()
             else:
-                local_dir = local_teacher_dir(params, base_dir, cache_dir) if engine == "local" else None
+                local_dir = teacher_model_dir(params, base_dir, cache_dir) if engine == "local" else None
                 teacher = make_teacher(params.teacher, cache_dir, local_model_dir=local_dir,
                                        precision=params.model.precision)
                 rewriter = TextGradRewriter(teacher, student, cfg)
+                if not rewrites_questions(params.method):
+                    rewriter = CritiqueOnly(rewriter)
         name = engine if engine == "hint" else f"{engine}:{params.teacher.model}"
         result = rewrite_epoch(train, selection, rewriter, student, epoch, cfg,
                                concurrency=params.teacher.concurrency, engine_name=name)

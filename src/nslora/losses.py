@@ -51,9 +51,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 class AnswerLoss(nn.Module):
     """Per-sample mean cross-entropy over answer tokens only (prompt and padding are ignored)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, through_peft: bool = False):
+        """`through_peft`: run the peft model's own forward (prefix-tuning injects its virtual tokens
+        there); otherwise the decoder is called directly and logits exist only at answer positions."""
         super().__init__()
         self.model = model
+        self.through_peft = through_peft
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
@@ -61,12 +64,16 @@ class AnswerLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                              use_cache=False).last_hidden_state
         # Position t predicts token t+1: an answer token's loss is read at the position before it.
         target_mask = answer_mask[:, 1:]
-        picked = hidden[:, :-1][target_mask]
         targets = input_ids[:, 1:][target_mask]
+        if self.through_peft:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            token_loss = nn.functional.cross_entropy(logits[:, :-1][target_mask].float(), targets, reduction="none")
+            return self._per_sample(token_loss, target_mask, input_ids.shape[0])
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state
+        picked = hidden[:, :-1][target_mask]
         if self.softcap or getattr(self.lm_head, "bias", None) is not None:
             logits = self.lm_head(picked).float()
             if self.softcap:
@@ -74,6 +81,10 @@ class AnswerLoss(nn.Module):
             token_loss = nn.functional.cross_entropy(logits, targets, reduction="none")
         else:
             token_loss = LinearCrossEntropy.apply(picked, self.lm_head.weight, targets)
+        return self._per_sample(token_loss, target_mask, input_ids.shape[0])
+
+    @staticmethod
+    def _per_sample(token_loss: torch.Tensor, target_mask: torch.Tensor, batch: int) -> torch.Tensor:
         rows = target_mask.nonzero()[:, 0]
-        total = torch.zeros(input_ids.shape[0], device=token_loss.device).index_add(0, rows, token_loss)
+        total = torch.zeros(batch, device=token_loss.device).index_add(0, rows, token_loss)
         return total / target_mask.sum(dim=1).clamp(min=1)

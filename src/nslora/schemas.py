@@ -188,3 +188,28 @@ def read_table(path: Path | str, schema: pa.Schema) -> pd.DataFrame:
     table = pq.read_table(path)
     _check(table, schema, path)
     return table.select(schema.names).to_pandas()
+
+
+# The published remade dataset (data/remade/train.parquet): one row per training example after the
+# last epoch, ready for fine-tuning another model on `question` -> `answer`. `rewritten` is True when
+# `question` differs from the source text `original_question`; `criterion` is the run's selection
+# rule (it judged every row), `teacher` the engine that wrote this row's question ('' if none).
+REMADE = pa.schema(
+    [
+        ("id", pa.string()),
+        ("question", pa.string()),             # the final question (rewritten or the source text)
+        ("original_question", pa.string()),    # the source dataset's question
+        ("answer", pa.string()),               # the worked gold answer, ending '#### <final_answer>'
+        ("final_answer", pa.string()),
+        ("system_prompt", pa.string()),        # the system prompt after the last epoch
+        ("source", pa.string()),               # e.g. 'gsm8k', 'reasoning_gym/leg_counting'
+        ("source_index", pa.int64()),          # row of the example in its source
+        ("rewritten", pa.bool_()),
+        ("rewrite_epoch", pa.int64()),         # epoch of the last accepted rewrite (0 = none)
+        ("rewrite_iterations", pa.int64()),
+        ("criterion", pa.string()),
+        ("teacher", pa.string()),
+        ("rewrite_reason", pa.string()),       # 'correct' / 'max_iters' for rewrites, else ''
+    ],
+    metadata={"name": "nslora.remade", "version": "1"},
+)

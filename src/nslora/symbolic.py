@@ -441,6 +441,69 @@ class TextGradRewriter:
     def revise_system_prompt(self, system_prompt: str, feedback: list[str]) -> tuple[str, str]:
         return update_system_prompt(self.teacher, system_prompt, feedback, self.cfg)
 
+    def critique(self, sample: Sample, question: str, student_output: str) -> Proposal:
+        """Only the loss: the teacher's critique of the answer (one call), no rewrite proposed."""
+        tgm = _textgrad()
+        answer = tgm.Variable(student_output, requires_grad=False, role_description=ANSWER_ROLE)
+        try:
+            loss = tgm.tg.TextLoss(_evaluation_instruction(sample, question), engine=tgm.TeacherEngine(self.teacher))
+            return Proposal(None, "questions_frozen", loss(answer).value)
+        except TeacherError as err:
+            return Proposal(None, _teacher_failure(err))
+
+
+class CritiqueOnly:
+    """method=lora_sysprompt: questions stay as they are; each selected sample contributes only the
+    teacher's critique, and the critiques drive the end-of-epoch system-prompt update."""
+
+    def __init__(self, rewriter: TextGradRewriter):
+        self.rewriter = rewriter
+
+    def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
+        return self.rewriter.critique(sample, question, student_output)
+
+    def revise_system_prompt(self, system_prompt: str, feedback: list[str]) -> tuple[str, str]:
+        return self.rewriter.revise_system_prompt(system_prompt, feedback)
+
+
+def optimize_initial_prompt(train: pd.DataFrame, rewriter: TextGradRewriter, student: Student,
+                            cfg: SymbolicConfig, samples: int, seed: int, concurrency: int,
+                            progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """method=two_stage, stage one: optimise the global system prompt with TextGrad over a seeded
+    sample of the training set before any LoRA epoch (up to `cfg.max_iters` rounds of: the base
+    model answers, the teacher critiques the wrong answers, one TGD step on the prompt).
+
+    Returns:
+        (the training table with the final prompt in every row, metrics).
+    """
+    picked = train.sample(n=min(samples, len(train)), random_state=seed).sort_values("id")
+    prompt = str(train["system_prompt"].iloc[0])
+    rounds = []
+    for _ in range(cfg.max_iters):
+        outputs = student.answer(prompt, picked["question"].tolist(), cfg.student_max_new_tokens, progress=progress)
+        wrong = [(row, out) for row, out in zip(picked.itertuples(), outputs) if not _is_right(out, row.final_answer)]
+        if not wrong:
+            rounds.append({"wrong": 0, "update": "all_correct"})
+            break
+        pending = [_sample(row, prompt) for row, _ in wrong]
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            critiques = list(pool.map(lambda a: rewriter.critique(a[0], a[0].question, a[1]).feedback,
+                                      zip(pending, [out for _, out in wrong])))
+        new_prompt, reason = rewriter.revise_system_prompt(prompt, [c for c in critiques if c])
+        rounds.append({"wrong": len(wrong), "update": reason})
+        if reason != "accepted":
+            break
+        prompt = new_prompt
+    out = train.copy()
+    out["system_prompt"] = prompt
+    return out, {"samples": len(picked), "rounds": rounds, "system_prompt": prompt,
+                 "changed": prompt != str(train["system_prompt"].iloc[0])}
+
+
+def _sample(row: Any, system_prompt: str) -> Sample:
+    return Sample(id=str(row.id), question=str(row.question), original_question=str(row.original_question),
+                  solution=str(row.solution), final_answer=str(row.final_answer), system_prompt=system_prompt)
+
 
 def update_system_prompt(teacher: Teacher, system_prompt: str, feedback: list[str],
                          cfg: SymbolicConfig) -> tuple[str, str]:

@@ -193,16 +193,20 @@ def read_meta(adapter_dir: Path | str) -> dict:
 
 
 def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
-                 train: TrainConfig, out_dir: Path | str) -> Path:
-    """Epoch 0: a freshly initialised LoRA adapter, its batch plan and starting RNG state."""
-    from peft import LoraConfig, get_peft_model
+                 train: TrainConfig, out_dir: Path | str, adapter: str = "lora") -> Path:
+    """Epoch 0: a freshly initialised adapter ('lora', or 'prefix' for the prefix-tuning
+    baseline), its batch plan and starting RNG state."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     seed_everything(train.seed)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir)
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    if adapter == "prefix":
+        peft_config = PrefixTuningConfig(num_virtual_tokens=lora.prefix_tokens, task_type="CAUSAL_LM")
+    else:
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_config)
     samples = encode_all(tokenizer, train_df, train.max_length)
     batches = compose_batches({i: len(s.input_ids) for i, s in samples.items()},
@@ -218,6 +222,7 @@ def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
         "seed": train.seed,
         "data_sha256": data_hash(train_df),
         "system_prompt": _system_prompt(train_df),
+        "adapter": adapter,
         "lora": to_dict(lora),
         "samples": len(samples),
         "batches": len(batches),
@@ -271,26 +276,35 @@ class LoraTrainer:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.dtype = resolve_dtype(precision, self.device)
-        self.record_grad_norms = record_grad_norms
         self.meta = read_meta(adapter_dir)
         self.batches = json.loads((self.adapter_dir / BATCHES_FILE).read_text())
         state = torch.load(self.adapter_dir / STATE_FILE, weights_only=False)
 
         self.tokenizer = load_tokenizer(base_dir)
         base = load_model(base_dir, dtype=self.dtype, attention=attention, device=self.device)
-        self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        # peft refuses to load prompt-learning adapters (prefix-tuning) as trainable; load those
+        # frozen and unfreeze their prompt encoder, which is what is_trainable would do.
+        self.prefix = json.loads((self.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+        self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=not self.prefix)
+        if self.prefix:
+            self.model.prompt_encoder.requires_grad_(True)
+            self.model.train()
         if self.dtype != torch.float32:
             # Autocast runs the LoRA matmuls in bf16 anyway; peft's cast of every LoRA input to the
             # float32 adapter dtype would only add a full-size copy per adapted module.
             for module in self.model.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
+        # Prefix-tuning (a baseline) runs through peft's forward, which injects the prefix; the
+        # per-sample gradient-norm hooks are LoRA-specific, so that baseline records NaN.
+        self.record_grad_norms = record_grad_norms and not self.prefix
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        self.loss_module, self.optimizer = self.accelerator.prepare(AnswerLoss(self.model), self.optimizer)
+        self.loss_module, self.optimizer = self.accelerator.prepare(
+            AnswerLoss(self.model, through_peft=self.prefix), self.optimizer)
         # Restore RNG last: loading the model above consumed random numbers (LoRA layer init).
         set_rng_state(state["rng"])
 

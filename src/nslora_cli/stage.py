@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -40,3 +41,14 @@ def user_errors():
         yield
     except _user_error_types() as err:
         raise StageError(" ".join(str(err).split())) from err
+
+
+def teacher_model_dir(params, base_dir: str, cache_dir: Path) -> Path:
+    """The HF directory of a local teacher: the base model itself when they are the same model,
+    otherwise a copy materialised once next to the teacher cache (.nslora/models/)."""
+    from nslora.models import materialize
+
+    if params.teacher.model == params.model.name:
+        return Path(base_dir)
+    target = Path(cache_dir).parent / "models" / params.teacher.model.replace(":", "_").replace("/", "--")
+    return target if (target / "config.json").exists() else materialize(params.teacher.model, target)

@@ -1,0 +1,147 @@
+"""Compare experiments: `dvc exp show --json` -> one row per run -> a table like the paper's Table 2
+and accuracy-per-epoch plots like its Fig. 2/3, with the spread over seeds.
+
+    runs = runs_from_exp_show(json.loads(output_of("dvc exp show --json")))
+    table = summarize_runs(runs)
+    markdown = markdown_table(table)
+    plot_epochs(runs, "results/accuracy_per_epoch.png")
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+GROUP = ["method", "criteria", "engine"]
+EPOCH_FILE = re.compile(r"metrics/eval/epoch_(\d+)\.json$")
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    else:
+        out[prefix] = value
+
+
+def _record(name: str, rev: str, data: dict) -> dict | None:
+    params: dict = {}
+    _flatten("", (data.get("params") or {}).get("params.yaml", {}).get("data", {}), params)
+    metrics = {path: (m or {}).get("data", {}) for path, m in (data.get("metrics") or {}).items()}
+    final = metrics.get("metrics/eval.json", {})
+    if "final_accuracy" not in final:
+        return None  # not run, failed, or from before evaluation existed
+    symbolic = [m for path, m in sorted(metrics.items()) if path.startswith("metrics/symbolic/")]
+    row = {
+        "experiment": name or rev, "rev": rev,
+        "method": params.get("method", "nslora"), "criteria": params.get("criteria", ""),
+        "engine": params.get("teacher.engine", ""), "seed": params.get("train.seed"),
+        "pretrained_accuracy": final["pretrained_accuracy"], "accuracy": final["final_accuracy"],
+        "accuracy_strict": final.get("final_accuracy_strict"), "n": final.get("n"),
+        "selected": sum(m.get("selected", 0) for m in symbolic),
+        "accepted": sum(m.get("accepted", 0) for m in symbolic),
+        "teacher_calls": sum((m.get("teacher") or {}).get("calls", 0) for m in symbolic),
+        "seconds": round(sum(m.get("seconds", 0) for path, m in metrics.items()
+                             if path.startswith(("metrics/train/", "metrics/eval/", "metrics/symbolic/"))
+                             and isinstance(m.get("seconds"), (int, float))), 1),
+    }
+    if row["method"] != "nslora" and row["method"] != "lora_sysprompt":
+        row["criteria"], row["engine"] = "-", "-"  # numerical-only methods ignore both
+    for path, m in metrics.items():
+        match = EPOCH_FILE.search(path)
+        if match and m.get("evaluated", True) and "accuracy" in m:
+            row[f"epoch_{int(match.group(1))}"] = m["accuracy"]
+    return row
+
+
+def runs_from_exp_show(exp_show: list[dict]) -> pd.DataFrame:
+    """One row per finished experiment (and the workspace/baseline rows when they have results)."""
+    rows = []
+    for commit in exp_show:
+        for exp in commit.get("experiments") or []:
+            for revision in exp.get("revs") or []:
+                record = _record(revision.get("name") or exp.get("name"), revision.get("rev", ""),
+                                 revision.get("data") or {})
+                if record:
+                    rows.append(record)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise ValueError("no finished experiment with metrics/eval.json in `dvc exp show` "
+                         "(run the comparison first: nslora compare ... --run)")
+    epoch_cols = sorted((c for c in frame.columns if c.startswith("epoch_")), key=lambda c: int(c[6:]))
+    ordered = [c for c in frame.columns if not c.startswith("epoch_")] + epoch_cols
+    return frame[ordered].sort_values(GROUP + ["seed", "experiment"]).reset_index(drop=True)
+
+
+def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per (method, criteria, engine)."""
+    grouped = runs.groupby(GROUP, sort=False)
+    table = grouped.agg(seeds=("seed", "nunique"), accuracy_mean=("accuracy", "mean"),
+                        accuracy_std=("accuracy", "std"), pretrained=("pretrained_accuracy", "mean"),
+                        selected=("selected", "mean"), accepted=("accepted", "mean"),
+                        teacher_calls=("teacher_calls", "mean"), seconds=("seconds", "mean"))
+    return table.reset_index().fillna({"accuracy_std": 0.0})
+
+
+METHOD_NAMES = {"nslora": "NS-LoRA", "lora": "LoRA", "prefix": "Prefix-tuning", "two_stage": "Two-stage",
+                "lora_sysprompt": "LoRA + system prompt"}
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    lines = ["| method | criterion | engine | seeds | accuracy (mean ± std) | selected | accepted | teacher calls | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pre = table["pretrained"].mean()
+    lines.append(f"| Pre-trained | - | - | - | {100 * pre:.1f} | - | - | - | - |")
+    for row in table.itertuples():
+        lines.append(
+            f"| {METHOD_NAMES.get(row.method, row.method)} | {row.criteria} | {row.engine} | {row.seeds} | "
+            f"{100 * row.accuracy_mean:.1f} ± {100 * row.accuracy_std:.1f} | {row.selected:.0f} | "
+            f"{row.accepted:.0f} | {row.teacher_calls:.0f} | {row.seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
+    """Accuracy per epoch, one line per (method, criteria, engine): mean over seeds, shaded min-max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epoch_cols = [c for c in runs.columns if c.startswith("epoch_")]
+    epochs = [int(c[6:]) for c in epoch_cols]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for key, group in runs.groupby(GROUP, sort=False):
+        values = group[epoch_cols].astype(float)
+        label = " / ".join(str(k) for k in key if k not in ("-", ""))
+        mean = values.mean()
+        ax.plot(epochs, mean.values, marker="o", label=f"{label} (n={len(group)})")
+        ax.fill_between(epochs, values.min().values, values.max().values, alpha=0.15)
+    ax.set(xlabel="epoch (0 = pre-trained)", ylabel="test accuracy", title="Accuracy per epoch (mean, min-max over seeds)")
+    ax.set_xticks(epochs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def experiment_grid(methods: list[str], criteria: list[str], engines: list[str], seeds: list[int]) -> list[dict]:
+    """The runs of a comparison: criteria and engines vary only for methods with symbolic updates."""
+    grid = []
+    for method in methods:
+        symbolic = method in ("nslora", "lora_sysprompt")
+        for criterion in (criteria if method == "nslora" else criteria[:1]):
+            for engine in (engines if symbolic else engines[:1]):
+                if method == "lora_sysprompt" and engine == "hint":
+                    continue  # refining a prompt needs a teacher's critiques
+                for seed in seeds:
+                    name = f"{method}-{criterion}-{engine}-s{seed}" if symbolic else f"{method}-s{seed}"
+                    grid.append({"name": name.replace("_", "-"),
+                                 "set": {"method": method, "criteria": criterion, "teacher.engine": engine,
+                                         "train.seed": seed}})
+    return grid

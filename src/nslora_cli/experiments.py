@@ -1,0 +1,82 @@
+"""`nslora compare` queues the paper's comparison as DVC experiments; `nslora report` turns
+`dvc exp show --json` into a Markdown table, the CSV it was made from, and accuracy-per-epoch plots.
+
+    nslora compare --seeds 0,1,2 --run          # methods x criteria x engines x seeds, then runs them
+    nslora report --out results
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import click
+
+from nslora.config import CRITERIA, METHODS
+from nslora.report import experiment_grid, markdown_table, plot_epochs, runs_from_exp_show, summarize_runs
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _dvc(*args: str) -> str:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise click.ClickException(f"dvc {' '.join(args)} failed:\n{result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+@click.command()
+@click.option("--methods", default=",".join(METHODS), show_default=True)
+@click.option("--criteria", default="loss_ratio,grad_norm,random", show_default=True,
+              help="Criteria for NS-LoRA runs (other methods run with the first).")
+@click.option("--engines", default="local,hint", show_default=True,
+              help="Teacher engines for runs with symbolic updates.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="train.seed values; the same for every row.")
+@click.option("--set", "extra", multiple=True, help="Extra -S overrides for every run, e.g. data.train_size=128.")
+@click.option("--run/--queue-only", default=False, help="Run the queue now (dvc exp run --run-all).")
+@click.option("--dry-run", is_flag=True, help="Print the dvc commands instead of queueing.")
+def compare(methods, criteria, engines, seeds, extra, run, dry_run):
+    """Queue the comparison of methods x criteria x engines x seeds with `dvc exp run --queue`."""
+    unknown = [m for m in _csv(methods) if m not in METHODS] + [c for c in _csv(criteria) if c not in CRITERIA]
+    if unknown:
+        raise click.ClickException(f"unknown method or criterion: {unknown}")
+    grid = experiment_grid(_csv(methods), _csv(criteria), _csv(engines), [int(s) for s in _csv(seeds)])
+    for item in grid:
+        args = ["exp", "run", "--queue", "-n", item["name"]]
+        for key, value in item["set"].items():
+            args += ["-S", f"{key}={value}"]
+        for override in extra:
+            args += ["-S", override]
+        if dry_run:
+            click.echo("dvc " + " ".join(args))
+        else:
+            _dvc(*args)
+    click.echo(f"{len(grid)} experiment(s) {'listed' if dry_run else 'queued'}")
+    if run and not dry_run:
+        # Sequential on purpose: one run already uses every core of a laptop.
+        subprocess.run(["dvc", "exp", "run", "--run-all"], check=True)
+
+
+@click.command()
+@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--exp-show-json", type=click.Path(exists=True, path_type=Path),
+              help="Read a saved `dvc exp show --json` instead of running it.")
+def report(out_dir: Path, exp_show_json: Path | None):
+    """Write results/report.md (table), results/runs.csv and results/accuracy_per_epoch.png."""
+    raw = exp_show_json.read_text() if exp_show_json else _dvc("exp", "show", "--json")
+    try:
+        runs = runs_from_exp_show(json.loads(raw))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
+    table = summarize_runs(runs)
+    plot = plot_epochs(runs, out_dir / "accuracy_per_epoch.png")
+    text = ("# Comparison\n\nTest accuracy after the last epoch, mean ± standard deviation over seeds "
+            f"(from `dvc exp show`, {len(runs)} runs).\n\n" + markdown_table(table) +
+            f"\n![accuracy per epoch]({plot.name})\n")
+    (out_dir / "report.md").write_text(text)
+    click.echo(text)
