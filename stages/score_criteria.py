@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
+from nslora.config import ParamsError
 from nslora.criteria import build_selection
 from nslora.methods import symbolic_settings
+from nslora.reward import RewardModel
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, SELECTION, read_table, write_table
 from nslora.student import Student
 from nslora_cli.params_file import load_params
@@ -41,9 +43,19 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, stats_path, prev
             return Student(base_dir, adapter_dir, params.model.precision, params.model.attention,
                            batch_size=params.eval.batch_size)
 
+        reward = None
+        if params.criteria == "reward":
+            # The reward model is an earlier experiment's published artifact (its reward_model
+            # stage); it scores this epoch's questions with the encoder it was trained on.
+            if not params.reward.path or not Path(params.reward.path).is_dir():
+                raise ParamsError(
+                    f"reward.path: criteria=reward needs the directory of a published reward model "
+                    f"(`nslora publish-reward models/reward <dir>` after a run); got {params.reward.path!r}")
+            reward = RewardModel.load(params.reward.path).score(train, base_dir, precision=params.model.precision)
         cfg = symbolic_settings(params.method, params.symbolic)
         selection, metrics = build_selection(train, stats, previous, params.criteria, cfg,
-                                             seed=params.train.seed, epoch=epoch, make_student=student)
+                                             seed=params.train.seed, epoch=epoch, make_student=student,
+                                             reward=reward)
     write_table(selection, out_path, SELECTION)
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from nslora.schemas import EXAMPLES, PREDICTIONS, SAMPLE_STATS, read_table
+from nslora.schemas import EXAMPLES, PREDICTIONS, REMADE, SAMPLE_STATS, SELECTION, read_table
 from openai_server import OpenAIServer, textgrad_teacher_reply
 
 REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvcignore"]
@@ -80,8 +80,10 @@ def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
             "eval": {"batch_size": 4, "max_new_tokens": 6},
             "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": 6},
             "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
+            "criteria": "grad_norm",
         })
         run(["dvc", "repro"], repo)
+        assert json.loads((repo / "metrics" / "reward.json").read_text())["trained"]
         summary = check_outputs(repo, epochs=2)
         assert summary["final_epoch"] == 2 and summary["n"] == 4
         calls = server.count
@@ -103,19 +105,26 @@ def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
         assert "Running stage 'symbolic_rewrite@1'" in forced.stdout and server.count == calls
 
         # Another criterion re-runs selection onwards, not data preparation or epoch 1.
-        other = run(["dvc", "exp", "run", "-S", "criteria=grad_norm"], repo)
+        other = run(["dvc", "exp", "run", "-S", "criteria=loss_ratio"], repo)
         assert "Running stage 'score_criteria@1'" in other.stdout
         for skipped in ("prepare", "init_lora", "lora_epoch@1", "evaluate_base"):
             assert f"Running stage '{skipped}'" not in other.stdout
-        table = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-        shown = json.dumps(table)
+        table = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout))
         for column in ("final_accuracy", "metrics/symbolic/epoch_1.json", "accepted", "selected", "calls"):
-            assert column in shown
+            assert column in table
 
-        # An evaluation-only change re-runs evaluation, not training.
-        rerun = run(["dvc", "exp", "run", "-S", "eval.max_new_tokens=4"], repo)
-        assert "Running stage 'evaluate@2'" in rerun.stdout
-        assert "Running stage 'lora_epoch@1'" not in rerun.stdout
+        # The reward model of this run, published, drives a later experiment's selection.
+        run(["nslora", "publish-reward", "models/reward", "reward_models/v1"], repo)
+        run(["git", "add", "reward_models/v1.dvc", "reward_models/.gitignore"], repo)
+        run(["git", "commit", "-qm", "reward model v1"], repo)
+        run(["dvc", "exp", "run", "-S", "criteria=random"], repo)
+        randomly = read_table(repo / "data" / "selection" / "epoch_1.parquet", SELECTION)
+        run(["dvc", "exp", "run", "-S", "criteria=reward", "-S", "reward.path=reward_models/v1"], repo)
+        by_reward = read_table(repo / "data" / "selection" / "epoch_1.parquet", SELECTION)
+        assert by_reward["selected"].sum() == randomly["selected"].sum() == 3
+        assert set(by_reward.id[by_reward.selected]) != set(randomly.id[randomly.selected])
+        remade = read_table(repo / "data" / "remade" / "train.parquet", REMADE)
+        assert len(remade) == 12 and (remade["criterion"] == "reward").all()
 
         # A third epoch continues from epoch 2 without re-running epochs 1-2.
         run(["nslora", "epochs", "3"], repo)

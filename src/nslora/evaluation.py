@@ -21,7 +21,7 @@ import torch
 
 from .config import EvalConfig
 from .models import END_OF_TURN, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
-from .prompts import has_chat_template
+from .prompts import has_chat_template, plain_system_instruction
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def run_lm_eval(lm, test_path: Path | str, system_prompt: str, eval_cfg: EvalCon
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    chat = has_chat_template(lm.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         write_task_yaml(tmp, test_path, eval_cfg.max_new_tokens)
         return simple_evaluate(
@@ -82,8 +83,8 @@ def run_lm_eval(lm, test_path: Path | str, system_prompt: str, eval_cfg: EvalCon
             tasks=[TASK_NAME],
             task_manager=TaskManager(include_path=tmp, include_defaults=False),
             limit=eval_cfg.limit,
-            system_instruction=system_prompt or None,
-            apply_chat_template=has_chat_template(lm.tokenizer),
+            system_instruction=system_prompt or None if chat else plain_system_instruction(system_prompt),
+            apply_chat_template=chat,
             log_samples=True,
             bootstrap_iters=0,
         )

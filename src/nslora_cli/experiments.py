@@ -80,3 +80,24 @@ def report(out_dir: Path, exp_show_json: Path | None):
             f"\n![accuracy per epoch]({plot.name})\n")
     (out_dir / "report.md").write_text(text)
     click.echo(text)
+
+
+@click.command("publish-reward")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+def publish_reward(source: Path, target: Path):
+    """Copy a run's reward model (models/reward) to TARGET and track it with DVC, so later
+    experiments use it with `-S criteria=reward -S reward.path=TARGET` (no cycle in the DAG)."""
+    import shutil
+
+    if not (source / "meta.json").exists():
+        reason = (source / "NOT_TRAINED.txt")
+        raise click.ClickException(f"{source}: no trained reward model"
+                                   + (f" ({reason.read_text().strip()})" if reason.exists() else ""))
+    if target.exists():
+        raise click.ClickException(f"{target}: exists; reward models are versioned, pick a new name")
+    shutil.copytree(source, target)
+    _dvc("add", str(target))
+    click.echo(f"published {source} as {target}; commit it:\n"
+               f"  git add {target}.dvc {target.parent / '.gitignore'} && git commit -m 'reward model {target.name}'\n"
+               f"then: dvc exp run -S criteria=reward -S reward.path={target}")

@@ -1,11 +1,13 @@
-"""The `nslora` command: check and explain params, set the number of epochs.
+"""The `nslora` command: check and explain params, set the number of epochs, downstream transfer.
 
 Run as: nslora --help
+        nslora downstream --train-size 128 --test-size 50 --epochs 1   # Gemma 3 270M, both datasets
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import click
 import yaml
 
 from nslora.config import SECTIONS, ParamsError, epochs_mapping
+from nslora_cli.experiments import compare, publish_reward, report
 from nslora_cli.params_file import DEFAULT_PARAMS, load_params
 
 
@@ -73,6 +76,88 @@ def epochs(n: int, params_path: str, evaluate: str) -> None:
     path.write_text(new_text)
     load_params(path)
     click.echo(f"{path}: {n} epoch stage(s): " + ", ".join(f"lora_epoch@{k}" for k in mapping))
+
+
+cli.add_command(compare)
+cli.add_command(report)
+cli.add_command(publish_reward)
+
+
+# Materialised base models for `nslora downstream` (git-ignored, reused across runs).
+MODELS_DIR = Path(".nslora/models")
+
+
+def _materialized(name: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """A plain HF directory of model `name`: a local directory as is, anything else materialised
+    once under .nslora/models/ (reused while its nslora_source.json names the same model)."""
+    from nslora.models import materialize
+
+    if Path(name).is_dir():
+        return Path(name)
+    out = MODELS_DIR / name.replace(":", "_").replace("/", "--")
+    source = out / "nslora_source.json"
+    if source.exists():
+        recorded = json.loads(source.read_text())
+        if recorded.get("name") == name and recorded.get("revision") == revision:
+            return out
+    click.echo(f"materialising {name} at {out} (once)")
+    return materialize(name, out, revision=revision, trust_remote_code=trust_remote_code)
+
+
+@cli.command()
+@click.option("--model", "model_name", default="embedded:gemma3-270m", show_default=True,
+              help="Model to fine-tune: hub id, local HF directory or embedded:<key> "
+                   "(materialised under .nslora/models/).")
+@click.option("--original", "original_path", default="data/train/epoch_0.parquet", show_default=True,
+              help="Original training set (EXAMPLES Parquet).")
+@click.option("--remade", "remade_path", default="data/remade/train.parquet", show_default=True,
+              help="Remade training set: the remade dataset (REMADE) or an EXAMPLES Parquet with "
+                   "rewritten questions, e.g. data/train/epoch_2.parquet.")
+@click.option("--test", "test_path", default="data/test.parquet", show_default=True,
+              help="Test examples (EXAMPLES Parquet).")
+@click.option("--epochs", type=int, default=None,
+              help="LoRA epochs per arm [default: the number of epochs in params].")
+@click.option("--train-size", type=int, default=None,
+              help="Train on the first N examples of the original set (same ids in both arms).")
+@click.option("--test-size", type=int, default=None,
+              help="Evaluate on the first N test examples [default: params eval.limit].")
+@click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True,
+              help="Params file: its lora, train, eval and model.precision/attention are used.")
+@click.option("--work-dir", default=".nslora/downstream", show_default=True,
+              help="Adapters and per-question predictions of both arms (replaced).")
+@click.option("--out", "out_path", default="metrics/downstream.json", show_default=True)
+def downstream(model_name: str, original_path: str, remade_path: str, test_path: str,
+               epochs: int | None, train_size: int | None, test_size: int | None, params_path: str,
+               work_dir: str, out_path: str) -> None:
+    """Fine-tune another model on the original and on the remade dataset, evaluate both.
+
+    Both arms use identical settings (LoRA init, batch plan, seeds, epochs, system prompt, test
+    set); only the questions differ. Prints a two-row Markdown table and writes --out as JSON.
+    """
+    import pandas as pd
+
+    from nslora.downstream import markdown_table, run_downstream
+    from nslora.schemas import EXAMPLES, read_table
+    from nslora_cli.stage import setup_logging, user_errors
+
+    setup_logging()
+    with user_errors():
+        loaded = load_params(params_path)
+        eval_cfg = loaded.eval if test_size is None else dataclasses.replace(loaded.eval, limit=test_size)
+        read_table(test_path, EXAMPLES)  # fails early, naming the file and column
+        for path in (original_path, remade_path):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path}: no such file")
+        model_dir = _materialized(model_name, loaded.model.revision, loaded.model.trust_remote_code)
+        result = run_downstream(
+            pd.read_parquet(original_path), pd.read_parquet(remade_path), Path(test_path), model_dir,
+            Path(work_dir), loaded.lora, loaded.train, eval_cfg,
+            epochs=epochs if epochs is not None else len(loaded.epochs),
+            precision=loaded.model.precision, attention=loaded.model.attention, train_size=train_size)
+    result = {"model_name": model_name, "original": original_path, "remade": remade_path, **result}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(markdown_table(result))
 
 
 if __name__ == "__main__":
