@@ -79,3 +79,21 @@ def test_stage_reports_params_error_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "lora.rank: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_paper_profile_is_valid_and_builds_the_dag(tmp_path):
+    """The paper's GSM8K profile parses, and DVC builds its 10-epoch DAG (not run here)."""
+    from test_pipeline import make_repo, run
+
+    params = load_params(ROOT / "profiles" / "gsm8k_paper.yaml")
+    assert (params.model.name, params.train.lr, params.train.max_length) == ("meta-llama/Llama-3.1-8B-Instruct", 5e-6, 128)
+    assert (params.teacher.engine, params.teacher.model, params.symbolic.every) == ("openai", "gpt-4o", 2)
+    assert len(params.epochs) == 10 and params.symbolic.max_iters == 3 and params.symbolic.ratio == 0.1
+    repo = make_repo(tmp_path, {})
+    (repo / "profiles").mkdir()
+    (repo / "profiles" / "gsm8k_paper.yaml").write_text((ROOT / "profiles" / "gsm8k_paper.yaml").read_text())
+    run(["nslora", "profile", "gsm8k_paper"], repo)
+    dry = run(["dvc", "repro", "--dry", "--force"], repo).stdout  # --force: nothing has run yet
+    for stage in ("prepare", "lora_epoch@1", "lora_epoch@10", "symbolic_rewrite@10", "evaluate@10", "synthesize_dataset"):
+        assert f"Running stage '{stage}'" in dry
+    assert "--epoch 10" in dry

@@ -78,6 +78,24 @@ def epochs(n: int, params_path: str, evaluate: str) -> None:
     click.echo(f"{path}: {n} epoch stage(s): " + ", ".join(f"lora_epoch@{k}" for k in mapping))
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True)
+@click.option("--profiles", "profiles_dir", default="profiles", show_default=True)
+def profile(name: str, params_path: str, profiles_dir: str) -> None:
+    """Replace params.yaml with the named profile (profiles/NAME.yaml), e.g. gsm8k_paper."""
+    source = Path(profiles_dir) / f"{name}.yaml"
+    if not source.exists():
+        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        raise click.ClickException(f"{source}: no such profile; known: {', '.join(known) or 'none'}")
+    try:
+        load_params(source)
+    except ParamsError as err:
+        raise click.ClickException(str(err)) from err
+    Path(params_path).write_text(source.read_text())
+    click.echo(f"{params_path} <- {source} (git diff shows the change; dvc repro runs it)")
+
+
 cli.add_command(compare)
 cli.add_command(report)
 cli.add_command(publish_reward)
