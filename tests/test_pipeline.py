@@ -169,7 +169,14 @@ def test_comparison_queue_and_report(tiny_model_dir, tmp_path):
         })
         run(["nslora", "compare", "--methods", "nslora,lora,prefix,two_stage,lora_sysprompt",
              "--criteria", "grad_norm", "--engines", "openai,hint", "--seeds", "0", "--run"], repo, timeout=2400)
-        run(["nslora", "report", "--out", "results"], repo)
+        run(["nslora", "report", "--out", "results", "--command", "nslora compare ..."], repo)
+    first = {name: (repo / "results" / name).read_bytes() for name in ("runs.csv", "differences.csv", "report.md")}
+    run(["nslora", "report", "--out", "results", "--command", "nslora compare ..."], repo)
+    for name, content in first.items():
+        assert (repo / "results" / name).read_bytes() == content, f"{name} is not reproducible"
+    differences = pd.read_csv(repo / "results" / "differences.csv")
+    assert set(differences["engine"]) == {"openai", "hint"} and (differences["paired_seeds"] == 1).all()
+    assert (differences["ci_low"] <= differences["delta"]).all() and (differences["delta"] <= differences["ci_high"]).all()
     runs = pd.read_csv(repo / "results" / "runs.csv")
     assert sorted(runs["method"].unique()) == ["lora", "lora_sysprompt", "nslora", "prefix", "two_stage"]
     assert len(runs) == 6 and runs["accuracy"].notna().all() and runs["epoch_1"].notna().all()

@@ -3,7 +3,8 @@ and accuracy-per-epoch plots like its Fig. 2/3, with the spread over seeds.
 
     runs = runs_from_exp_show(json.loads(output_of("dvc exp show --json")))
     table = summarize_runs(runs)
-    markdown = markdown_table(table)
+    deltas = differences_from_lora(runs, correct_by_rev)   # paired bootstrap over seeds and questions
+    markdown = markdown_table(table, deltas)
     plot_epochs(runs, "results/accuracy_per_epoch.png")
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 GROUP = ["method", "criteria", "engine"]
@@ -26,6 +28,16 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
+SYMBOLIC_METHODS = ("nslora", "nslora_sysprompt", "lora_sysprompt")
+
+
+def _method_label(params: dict) -> str:
+    method = params.get("method", "nslora")
+    if method == "nslora" and params.get("symbolic.update_system_prompt"):
+        return "nslora_sysprompt"  # the paper's "NS-LoRA + system prompt" row
+    return method
+
+
 def _record(name: str, rev: str, data: dict) -> dict | None:
     params: dict = {}
     _flatten("", (data.get("params") or {}).get("params.yaml", {}).get("data", {}), params)
@@ -36,10 +48,11 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
     symbolic = [m for path, m in sorted(metrics.items()) if path.startswith("metrics/symbolic/")]
     row = {
         "experiment": name or rev, "rev": rev,
-        "method": params.get("method", "nslora"), "criteria": params.get("criteria", ""),
+        "method": _method_label(params), "criteria": params.get("criteria", ""),
         "engine": params.get("teacher.engine", ""), "seed": params.get("train.seed"),
         "pretrained_accuracy": final["pretrained_accuracy"], "accuracy": final["final_accuracy"],
         "accuracy_strict": final.get("final_accuracy_strict"), "n": final.get("n"),
+        "final_epoch": final.get("final_epoch"),
         "selected": sum(m.get("selected", 0) for m in symbolic),
         "accepted": sum(m.get("accepted", 0) for m in symbolic),
         "teacher_calls": sum((m.get("teacher") or {}).get("calls", 0) for m in symbolic),
@@ -47,7 +60,7 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
                              if path.startswith(("metrics/train/", "metrics/eval/", "metrics/symbolic/"))
                              and isinstance(m.get("seconds"), (int, float))), 1),
     }
-    if row["method"] != "nslora" and row["method"] != "lora_sysprompt":
+    if row["method"] not in SYMBOLIC_METHODS:
         row["criteria"], row["engine"] = "-", "-"  # numerical-only methods ignore both
     for path, m in metrics.items():
         match = EPOCH_FILE.search(path)
@@ -85,19 +98,71 @@ def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index().fillna({"accuracy_std": 0.0})
 
 
+def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean accuracy difference and its 95% percentile interval for two methods evaluated on the
+    same questions with the same seeds: arrays of 0/1 correctness, shape (seeds, questions).
+
+    Seeds and questions are both resampled (two levels), so the interval carries training noise
+    (which seed) as well as test-set noise (which questions); pairing by seed and question removes
+    what the two methods share."""
+    if ours.shape != theirs.shape or ours.ndim != 2:
+        raise ValueError(f"paired_bootstrap: shapes {ours.shape} and {theirs.shape} must be equal (seeds, questions)")
+    diff = ours.astype(float) - theirs.astype(float)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_questions = diff.shape
+    stats = np.empty(resamples)
+    for b in range(resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        questions = rng.integers(0, n_questions, n_questions)
+        stats[b] = diff[np.ix_(seeds, questions)].mean()
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def differences_from_lora(runs: pd.DataFrame, correct_by_rev: dict[str, pd.Series],
+                          resamples: int = 10_000) -> pd.DataFrame:
+    """NS-LoRA-style rows minus LoRA, paired by seed and test question. `correct_by_rev` maps a
+    run's rev to its final-epoch correctness indexed by question id."""
+    lora = runs[runs["method"] == "lora"].drop_duplicates("seed").set_index("seed")
+    rows = []
+    for key, group in runs[runs["method"].isin(SYMBOLIC_METHODS)].groupby(GROUP, sort=False):
+        seeds = sorted(set(group["seed"]) & set(lora.index))
+        if not seeds:
+            continue
+        ours, theirs = [], []
+        for seed in seeds:
+            mine = correct_by_rev[group.loc[group["seed"] == seed, "rev"].iloc[0]]
+            base = correct_by_rev[lora.loc[seed, "rev"]]
+            if set(mine.index) != set(base.index):
+                raise ValueError(f"{key} seed {seed}: evaluated on other questions than LoRA; "
+                                 "compare runs with the same data and eval params")
+            ours.append(mine.sort_index().to_numpy())
+            theirs.append(base.sort_index().to_numpy())
+        delta, low, high = paired_bootstrap(np.array(ours), np.array(theirs), resamples)
+        rows.append(dict(zip(GROUP, key)) | {"paired_seeds": len(seeds), "delta": delta,
+                                             "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=GROUP + ["paired_seeds", "delta", "ci_low", "ci_high"])
+
+
 METHOD_NAMES = {"nslora": "NS-LoRA", "lora": "LoRA", "prefix": "Prefix-tuning", "two_stage": "Two-stage",
-                "lora_sysprompt": "LoRA + system prompt"}
+                "lora_sysprompt": "LoRA + system prompt", "nslora_sysprompt": "NS-LoRA + system prompt"}
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    lines = ["| method | criterion | engine | seeds | accuracy (mean ± std) | selected | accepted | teacher calls | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> str:
+    """The paper's Table 2 layout, with NS-LoRA − LoRA (95% paired bootstrap interval) per row."""
+    lookup = {} if deltas is None else {tuple(r[g] for g in GROUP): r for _, r in deltas.iterrows()}
+    lines = ["| method | criterion | engine | seeds | accuracy % (mean ± std) | − LoRA, points [95% CI] "
+             "| selected | accepted | teacher calls | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     pre = table["pretrained"].mean()
-    lines.append(f"| Pre-trained | - | - | - | {100 * pre:.1f} | - | - | - | - |")
+    lines.append(f"| Pre-trained | - | - | - | {100 * pre:.1f} | - | - | - | - | - |")
     for row in table.itertuples():
+        d = lookup.get((row.method, row.criteria, row.engine))
+        delta = "-" if d is None else f"{100 * d['delta']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
         lines.append(
             f"| {METHOD_NAMES.get(row.method, row.method)} | {row.criteria} | {row.engine} | {row.seeds} | "
-            f"{100 * row.accuracy_mean:.1f} ± {100 * row.accuracy_std:.1f} | {row.selected:.0f} | "
+            f"{100 * row.accuracy_mean:.1f} ± {100 * row.accuracy_std:.1f} | {delta} | {row.selected:.0f} | "
             f"{row.accepted:.0f} | {row.teacher_calls:.0f} | {row.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -130,18 +195,23 @@ def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
     return path
 
 
+GRID_METHODS = ("nslora", "lora", "prefix", "two_stage", "lora_sysprompt", "nslora_sysprompt")
+
+
 def experiment_grid(methods: list[str], criteria: list[str], engines: list[str], seeds: list[int]) -> list[dict]:
-    """The runs of a comparison: criteria and engines vary only for methods with symbolic updates."""
+    """The runs of a comparison: criteria and engines vary only for methods with symbolic updates.
+    `nslora_sysprompt` is NS-LoRA that also refines the system prompt (the paper's last row)."""
     grid = []
     for method in methods:
-        symbolic = method in ("nslora", "lora_sysprompt")
+        symbolic = method in SYMBOLIC_METHODS
         for criterion in (criteria if method == "nslora" else criteria[:1]):
             for engine in (engines if symbolic else engines[:1]):
-                if method == "lora_sysprompt" and engine == "hint":
+                if method.endswith("sysprompt") and engine == "hint":
                     continue  # refining a prompt needs a teacher's critiques
                 for seed in seeds:
                     name = f"{method}-{criterion}-{engine}-s{seed}" if symbolic else f"{method}-s{seed}"
                     grid.append({"name": name.replace("_", "-"),
-                                 "set": {"method": method, "criteria": criterion, "teacher.engine": engine,
-                                         "train.seed": seed}})
+                                 "set": {"method": "nslora" if method == "nslora_sysprompt" else method,
+                                         "symbolic.update_system_prompt": str(method == "nslora_sysprompt").lower(),
+                                         "criteria": criterion, "teacher.engine": engine, "train.seed": seed}})
     return grid

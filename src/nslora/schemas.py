@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 import pyarrow as pa
@@ -175,18 +176,19 @@ def write_table(df: pd.DataFrame, path: Path | str, schema: pa.Schema) -> Path:
     return path
 
 
-def read_table(path: Path | str, schema: pa.Schema) -> pd.DataFrame:
-    """Read `path` and check it against `schema`.
+def read_table(path: Path | str | BinaryIO, schema: pa.Schema, name: str | None = None) -> pd.DataFrame:
+    """Read `path` (or an open binary stream, reported as `name`) and check it against `schema`.
 
     Raises:
         FileNotFoundError: the file does not exist.
         SchemaError: columns or types differ, naming the file and the column.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file (run the stage that writes it: dvc repro)")
+    if not hasattr(path, "read"):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file (run the stage that writes it: dvc repro)")
     table = pq.read_table(path)
-    _check(table, schema, path)
+    _check(table, schema, name or path)
     return table.select(schema.names).to_pandas()
 
 

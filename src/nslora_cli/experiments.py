@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
-from nslora.config import CRITERIA, METHODS
-from nslora.report import experiment_grid, markdown_table, plot_epochs, runs_from_exp_show, summarize_runs
+from nslora.config import CRITERIA
+from nslora.report import (GRID_METHODS, SYMBOLIC_METHODS, differences_from_lora, experiment_grid, markdown_table, plot_epochs,
+                            runs_from_exp_show, summarize_runs)
 
 
 def _csv(value: str) -> list[str]:
@@ -29,7 +30,8 @@ def _dvc(*args: str) -> str:
 
 
 @click.command()
-@click.option("--methods", default=",".join(METHODS), show_default=True)
+@click.option("--methods", default="nslora,lora,prefix,two_stage,lora_sysprompt", show_default=True,
+              help=f"Any of {', '.join(GRID_METHODS)} (nslora_sysprompt: NS-LoRA that also refines the system prompt).")
 @click.option("--criteria", default="loss_ratio,grad_norm,random", show_default=True,
               help="Criteria for NS-LoRA runs (other methods run with the first).")
 @click.option("--engines", default="local,hint", show_default=True,
@@ -40,9 +42,12 @@ def _dvc(*args: str) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the dvc commands instead of queueing.")
 def compare(methods, criteria, engines, seeds, extra, run, dry_run):
     """Queue the comparison of methods x criteria x engines x seeds with `dvc exp run --queue`."""
-    unknown = [m for m in _csv(methods) if m not in METHODS] + [c for c in _csv(criteria) if c not in CRITERIA]
+    unknown = [m for m in _csv(methods) if m not in GRID_METHODS] + [c for c in _csv(criteria) if c not in CRITERIA]
     if unknown:
         raise click.ClickException(f"unknown method or criterion: {unknown}")
+    if "reward" in _csv(criteria) and not any(o.startswith("reward.path=") for o in extra):
+        raise click.ClickException("criteria reward ranks by a published reward model: add "
+                                   "--set reward.path=<dir> (see nslora publish-reward)")
     grid = experiment_grid(_csv(methods), _csv(criteria), _csv(engines), [int(s) for s in _csv(seeds)])
     for item in grid:
         args = ["exp", "run", "--queue", "-n", item["name"]]
@@ -60,12 +65,40 @@ def compare(methods, criteria, engines, seeds, extra, run, dry_run):
         subprocess.run(["dvc", "exp", "run", "--run-all"], check=True)
 
 
+def _final_correctness(runs) -> dict:
+    """Each symbolic/LoRA run's final-epoch per-question correctness, read from the experiment's
+    commit through DVC (the predictions Parquet is a cached stage output, not in git)."""
+    import io
+
+    import dvc.api
+    import pandas as pd
+
+    from nslora.schemas import PREDICTIONS, read_table
+
+    correct = {}
+    wanted = runs[runs["method"].isin(("lora", *SYMBOLIC_METHODS))]
+    for row in wanted.itertuples():
+        path = f"data/eval/epoch_{int(row.final_epoch)}.parquet"
+        try:
+            raw = dvc.api.read(path, repo=".", rev=row.rev, mode="rb")
+        except Exception as err:  # noqa: BLE001 - any DVC failure means the same thing here
+            raise click.ClickException(f"{row.experiment}: cannot read {path} at {row.rev[:7]} ({err}); "
+                                       "is the DVC cache of that experiment present (dvc exp pull)?") from err
+        frame = read_table(io.BytesIO(raw), PREDICTIONS, f"{row.experiment}:{path}")
+        correct[row.rev] = pd.Series(frame["correct_flexible"].to_numpy(), index=frame["id"])
+    return correct
+
+
 @click.command()
 @click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--exp-show-json", type=click.Path(exists=True, path_type=Path),
               help="Read a saved `dvc exp show --json` instead of running it.")
-def report(out_dir: Path, exp_show_json: Path | None):
-    """Write results/report.md (table), results/runs.csv and results/accuracy_per_epoch.png."""
+@click.option("--command", "commands", multiple=True,
+              help="A command line that produced the runs, written at the top of the report (repeatable).")
+@click.option("--resamples", default=10_000, show_default=True, help="Bootstrap resamples for the intervals.")
+def report(out_dir: Path, exp_show_json: Path | None, commands: tuple[str, ...], resamples: int):
+    """Write results/report.md (table), results/runs.csv (what the table is made from),
+    results/differences.csv (NS-LoRA − LoRA, paired bootstrap) and results/accuracy_per_epoch.png."""
     raw = exp_show_json.read_text() if exp_show_json else _dvc("exp", "show", "--json")
     try:
         runs = runs_from_exp_show(json.loads(raw))
@@ -74,9 +107,15 @@ def report(out_dir: Path, exp_show_json: Path | None):
     out_dir.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
     table = summarize_runs(runs)
+    deltas = differences_from_lora(runs, _final_correctness(runs), resamples)
+    deltas.to_csv(out_dir / "differences.csv", index=False, float_format="%.6g")
     plot = plot_epochs(runs, out_dir / "accuracy_per_epoch.png")
-    text = ("# Comparison\n\nTest accuracy after the last epoch, mean ± standard deviation over seeds "
-            f"(from `dvc exp show`, {len(runs)} runs).\n\n" + markdown_table(table) +
+    header = "".join(f"    {c}\n" for c in commands)
+    text = ("# Comparison\n\n" + (f"Made with:\n\n{header}\n" if header else "") +
+            "Test accuracy after the last epoch, mean ± standard deviation over seeds "
+            f"(from `dvc exp show`, {len(runs)} runs). \"− LoRA\" is the accuracy difference to LoRA with "
+            "the same seeds on the same questions, with a 95% paired bootstrap interval (seeds and "
+            f"questions resampled, {resamples} resamples).\n\n" + markdown_table(table, deltas) +
             f"\n![accuracy per epoch]({plot.name})\n")
     (out_dir / "report.md").write_text(text)
     click.echo(text)

@@ -1,0 +1,78 @@
+"""The comparison report: runs from `dvc exp show --json`, the paired bootstrap against LoRA, the
+table, and the experiment grid. The real queue → report path runs in test_pipeline.py."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nslora.report import (differences_from_lora, experiment_grid, markdown_table, paired_bootstrap,
+                           runs_from_exp_show, summarize_runs)
+
+
+def test_paired_bootstrap_bounds_and_determinism():
+    rng = np.random.default_rng(1)
+    same = rng.integers(0, 2, (3, 50))
+    assert paired_bootstrap(same, same, 500) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap(np.ones((3, 50)), np.zeros((3, 50)), 500) == (1.0, 1.0, 1.0)
+    ours = (rng.random((3, 200)) < 0.6).astype(int)
+    theirs = (rng.random((3, 200)) < 0.4).astype(int)
+    delta, low, high = paired_bootstrap(ours, theirs, 2000)
+    assert low < delta < high and 0 < low and high < 0.4
+    assert paired_bootstrap(ours, theirs, 2000) == (delta, low, high)
+    _, small_low, small_high = paired_bootstrap(ours[:, :40], theirs[:, :40], 2000)
+    assert small_high - small_low > high - low  # fewer questions, wider interval
+    with pytest.raises(ValueError, match="shapes"):
+        paired_bootstrap(ours, theirs[:, :10])
+
+
+def _exp(name, method, seed, accuracy, criteria="loss_ratio", engine="local", sysprompt=False):
+    params = {"method": method, "criteria": criteria, "train": {"seed": seed},
+              "teacher": {"engine": engine}, "symbolic": {"update_system_prompt": sysprompt}}
+    metrics = {"metrics/eval.json": {"data": {"pretrained_accuracy": 0.1, "final_accuracy": accuracy,
+                                              "final_epoch": 2, "n": 4}},
+               "metrics/eval/epoch_2.json": {"data": {"accuracy": accuracy, "evaluated": True}},
+               "metrics/symbolic/epoch_1.json": {"data": {"selected": 3, "accepted": 1, "seconds": 5.0,
+                                                          "teacher": {"calls": 7}}}}
+    return {"name": name, "revs": [{"rev": f"rev-{name}", "name": name,
+                                    "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}]}
+
+
+def test_report_rows_differences_and_table():
+    exp_show = [{"rev": "workspace", "experiments": [
+        _exp("lora-s0", "lora", 0, 0.5), _exp("lora-s1", "lora", 1, 0.25),
+        _exp("ns-s0", "nslora", 0, 0.75), _exp("ns-s1", "nslora", 1, 0.5),
+        _exp("nssp-s0", "nslora", 0, 0.5, sysprompt=True),
+        _exp("prefix-s0", "prefix", 0, 0.25),
+        {"name": "failed", "revs": [{"rev": "x", "data": {"metrics": {}}}]},
+    ]}]
+    runs = runs_from_exp_show(exp_show)
+    assert len(runs) == 6 and set(runs["method"]) == {"lora", "nslora", "nslora_sysprompt", "prefix"}
+    assert runs.loc[runs["method"] == "prefix", "criteria"].item() == "-"  # numerical-only: no criterion
+    correct = {
+        "rev-lora-s0": [1, 1, 0, 0], "rev-lora-s1": [1, 0, 0, 0],
+        "rev-ns-s0": [1, 1, 1, 0], "rev-ns-s1": [1, 1, 0, 0], "rev-nssp-s0": [0, 1, 1, 0],
+    }
+    ids = ["q3", "q1", "q2", "q0"]  # not sorted: pairing is by question id, not by position
+    by_rev = {rev: pd.Series(np.array(v, bool), index=ids) for rev, v in correct.items()}
+    deltas = differences_from_lora(runs, by_rev, resamples=300).set_index("method")
+    assert deltas.loc["nslora", "delta"] == pytest.approx(0.25) and deltas.loc["nslora", "paired_seeds"] == 2
+    assert deltas.loc["nslora_sysprompt", "delta"] == pytest.approx(0.0)
+    assert "prefix" not in deltas.index
+    table = markdown_table(summarize_runs(runs), deltas.reset_index())
+    assert "| NS-LoRA | loss_ratio | local | 2 | 62.5 ± 17.7 | +25.0 [" in table
+    assert "| NS-LoRA + system prompt | loss_ratio | local | 1 |" in table
+    assert "| Pre-trained | - | - | - | 10.0 |" in table
+
+    by_rev["rev-ns-s1"] = by_rev["rev-ns-s1"].iloc[:3]
+    with pytest.raises(ValueError, match="other questions"):
+        differences_from_lora(runs, by_rev, resamples=10)
+
+
+def test_grid_variants():
+    grid = experiment_grid(["nslora", "nslora_sysprompt", "lora"], ["loss_ratio", "random"], ["local", "hint"], [0, 1])
+    names = [g["name"] for g in grid]
+    assert len(names) == len(set(names)) == 2 * 2 * 2 + 1 * 1 * 2 + 2
+    sysprompt = [g["set"] for g in grid if g["name"].startswith("nslora-sysprompt")]
+    assert all(s["method"] == "nslora" and s["symbolic.update_system_prompt"] == "true"
+               and s["teacher.engine"] == "local" for s in sysprompt)
+    assert sum(g["set"]["symbolic.update_system_prompt"] == "true" for g in grid) == len(sysprompt) == 2
