@@ -8,6 +8,7 @@ Run as: python stages/initial_prompt.py --params params.yaml --base models/base 
 
 import json
 import math
+import time
 from pathlib import Path
 
 import click
@@ -33,6 +34,7 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
         params = load_params(params_path)
         train = read_table(train_path, EXAMPLES)
         metrics = {"method": params.method, "changed": False}
+        start = time.perf_counter()
         if params.method == "two_stage":
             if params.teacher.engine == "hint":
                 raise ValueError("method=two_stage optimises the prompt from a teacher's critiques: set "
@@ -48,6 +50,7 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
                                                    params.teacher.concurrency)
             metrics.update(found, teacher=teacher.stats())
             teacher.close()
+        metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_table(train, out_path, EXAMPLES)
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")

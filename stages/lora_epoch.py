@@ -6,6 +6,7 @@ Run as: python stages/lora_epoch.py --params params.yaml --epoch 1 --base models
 Several GPUs: accelerate launch --num_processes 4 stages/lora_epoch.py ...  (params: train.launcher)
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,7 +32,10 @@ def main(params_path, epoch, base_dir, prev_dir, train_path, out_dir, stats_path
     with user_errors():
         params = load_params(params_path)
         train_df = read_table(train_path, EXAMPLES)
-        trainer = LoraTrainer(base_dir, prev_dir, params.train, precision=params.model.precision,
+        train = params.train
+        if params.method == "prefix":  # the baseline gets its own, much larger, learning rate
+            train = dataclasses.replace(train, lr=params.lora.prefix_lr)
+        trainer = LoraTrainer(base_dir, prev_dir, train, precision=params.model.precision,
                               attention=params.model.attention)
         stats = trainer.run_epoch(train_df, epoch)
         summary = {

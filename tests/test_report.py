@@ -76,3 +76,5 @@ def test_grid_variants():
     assert all(s["method"] == "nslora" and s["symbolic.update_system_prompt"] == "true"
                and s["teacher.engine"] == "local" for s in sysprompt)
     assert sum(g["set"]["symbolic.update_system_prompt"] == "true" for g in grid) == len(sysprompt) == 2
+    two_stage = experiment_grid(["two_stage"], ["random"], ["hint", "local"], [0])
+    assert [g["set"]["teacher.engine"] for g in two_stage] == ["local"]  # its prompt needs a teacher

@@ -86,6 +86,9 @@ class LoraParams:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     prefix_tokens: int = _help("method=prefix: virtual tokens of the peft prefix-tuning adapter.", 20)
+    prefix_lr: float = _help(
+        "method=prefix: learning rate used instead of train.lr (prefix-tuning needs one far larger "
+        "than LoRA's; peft's examples use 1e-2 to 3e-2).", 1e-2)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,9 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
     final = metrics.get("metrics/eval.json", {})
     if "final_accuracy" not in final:
         return None  # not run, failed, or from before evaluation existed
-    symbolic = [m for path, m in sorted(metrics.items()) if path.startswith("metrics/symbolic/")]
+    # Teacher work: symbolic epochs, and two_stage's prompt optimisation before training.
+    symbolic = [m for path, m in sorted(metrics.items())
+                if path.startswith("metrics/symbolic/") or path == "metrics/initial_prompt.json"]
     row = {
         "experiment": name or rev, "rev": rev,
         "method": _method_label(params), "criteria": params.get("criteria", ""),
@@ -57,11 +59,14 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
         "accepted": sum(m.get("accepted", 0) for m in symbolic),
         "teacher_calls": sum((m.get("teacher") or {}).get("calls", 0) for m in symbolic),
         "seconds": round(sum(m.get("seconds", 0) for path, m in metrics.items()
-                             if path.startswith(("metrics/train/", "metrics/eval/", "metrics/symbolic/"))
+                             if path.startswith(("metrics/train/", "metrics/eval/", "metrics/symbolic/",
+                                                 "metrics/initial_prompt"))
                              and isinstance(m.get("seconds"), (int, float))), 1),
     }
     if row["method"] not in SYMBOLIC_METHODS:
-        row["criteria"], row["engine"] = "-", "-"  # numerical-only methods ignore both
+        row["criteria"] = "-"  # no per-sample selection
+        if row["method"] != "two_stage":
+            row["engine"] = "-"  # numerical only: no teacher
     for path, m in metrics.items():
         match = EPOCH_FILE.search(path)
         if match and m.get("evaluated", True) and "accuracy" in m:
@@ -205,7 +210,9 @@ def experiment_grid(methods: list[str], criteria: list[str], engines: list[str],
     for method in methods:
         symbolic = method in SYMBOLIC_METHODS
         for criterion in (criteria if method == "nslora" else criteria[:1]):
-            for engine in (engines if symbolic else engines[:1]):
+            # two_stage optimises its prompt from a teacher's critiques: never the hint engine.
+            usable = [e for e in engines if e != "hint"] if method == "two_stage" else engines
+            for engine in (usable if symbolic else usable[:1]):
                 if method.endswith("sysprompt") and engine == "hint":
                     continue  # refining a prompt needs a teacher's critiques
                 for seed in seeds:

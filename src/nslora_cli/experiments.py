@@ -96,10 +96,12 @@ def _final_correctness(runs) -> dict:
 @click.option("--command", "commands", multiple=True,
               help="A command line that produced the runs, written at the top of the report (repeatable).")
 @click.option("--resamples", default=10_000, show_default=True, help="Bootstrap resamples for the intervals.")
-def report(out_dir: Path, exp_show_json: Path | None, commands: tuple[str, ...], resamples: int):
+@click.option("--all-commits", is_flag=True,
+              help="Include experiments based on earlier commits (dvc exp show -A), e.g. after committing code.")
+def report(out_dir: Path, exp_show_json: Path | None, commands: tuple[str, ...], resamples: int, all_commits: bool):
     """Write results/report.md (table), results/runs.csv (what the table is made from),
     results/differences.csv (NS-LoRA − LoRA, paired bootstrap) and results/accuracy_per_epoch.png."""
-    raw = exp_show_json.read_text() if exp_show_json else _dvc("exp", "show", "--json")
+    raw = exp_show_json.read_text() if exp_show_json else _dvc("exp", "show", "--json", *(["-A"] if all_commits else []))
     try:
         runs = runs_from_exp_show(json.loads(raw))
     except ValueError as err:
