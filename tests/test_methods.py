@@ -82,3 +82,28 @@ def test_two_stage_optimises_the_prompt_before_training(student):
     assert metrics["changed"] and metrics["rounds"][0] == {"wrong": 4, "update": "accepted"}
     assert (out["system_prompt"] == NEW_PROMPT).all()
     assert (out.drop(columns="system_prompt") == train.drop(columns="system_prompt")).all().all()
+
+
+def test_prefix_generation_matches_the_training_forward(tiny_model_dir, tmp_path):
+    """The evaluator generates with a prefix adapter exactly as its training forward scores text
+    (greedy tokens equal an uncached argmax loop through peft's forward), batched and left-padded."""
+    from nslora.evaluation import build_lm
+
+    e0 = init_adapter(tiny_model_dir, make_examples(4), LoraParams(prefix_tokens=4), TrainConfig(batch_size=4),
+                      tmp_path / "e0", adapter="prefix")
+    lm = build_lm(tiny_model_dir, e0, EvalConfig(batch_size=2), precision="fp32")
+    tok = lm.tokenizer
+    prompts = [tok("Q: 12 + 7 = ?").input_ids, tok("Q: how many legs have 3 spiders and 2 cats together?").input_ids]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_length=width + 6, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+        assert out.shape == (2, width + 6) and torch.equal(out[:, :width], ids)
+        for row, prompt in enumerate(prompts):
+            current = torch.tensor([prompt])
+            for _ in range(6):
+                logits = lm.model(input_ids=current, attention_mask=torch.ones_like(current)).logits[0, -1]
+                current = torch.cat([current, logits.argmax().view(1, 1)], dim=1)
+            assert out[row, width:].tolist() == current[0, len(prompt):].tolist()
