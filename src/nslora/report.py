@@ -86,8 +86,9 @@ def runs_from_exp_show(exp_show: list[dict]) -> pd.DataFrame:
                     rows.append(record)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        raise ValueError("no finished experiment with metrics/eval.json in `dvc exp show` "
-                         "(run the comparison first: nslora compare ... --run)")
+        raise ValueError("no finished experiment with metrics/eval.json in `dvc exp show` (run the "
+                         "comparison first: nslora compare ... --run; runs based on an earlier commit: "
+                         "nslora report --all-commits)")
     epoch_cols = sorted((c for c in frame.columns if c.startswith("epoch_")), key=lambda c: int(c[6:]))
     ordered = [c for c in frame.columns if not c.startswith("epoch_")] + epoch_cols
     return frame[ordered].sort_values(GROUP + ["seed", "experiment"]).reset_index(drop=True)
