@@ -174,7 +174,8 @@ def markdown_table(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> s
 
 
 def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
-    """Accuracy per epoch, one line per (method, criteria, engine): mean over seeds, shaded min-max."""
+    """Accuracy per epoch, one panel per method (the paper's Fig. 2/3) with a line per criterion and
+    engine: mean over seeds, shaded min-max; LoRA dashed in every panel as the reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,17 +183,31 @@ def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
 
     epoch_cols = [c for c in runs.columns if c.startswith("epoch_")]
     epochs = [int(c[6:]) for c in epoch_cols]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for key, group in runs.groupby(GROUP, sort=False):
-        values = group[epoch_cols].astype(float)
-        label = " / ".join(str(k) for k in key if k not in ("-", ""))
-        mean = values.mean()
-        ax.plot(epochs, mean.values, marker="o", label=f"{label} (n={len(group)})")
-        ax.fill_between(epochs, values.min().values, values.max().values, alpha=0.15)
-    ax.set(xlabel="epoch (0 = pre-trained)", ylabel="test accuracy", title="Accuracy per epoch (mean, min-max over seeds)")
-    ax.set_xticks(epochs)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    methods = list(dict.fromkeys(runs["method"]))
+    columns = min(3, len(methods))
+    rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), dpi=120,
+                             sharex=True, sharey=True, squeeze=False)
+    lora = runs[runs["method"] == "lora"][epoch_cols].astype(float).mean()
+    for ax, method in zip(axes.flat, methods):
+        if method != "lora" and lora.notna().any():
+            ax.plot(epochs, lora.values, "--", color="gray", label="LoRA")
+        for key, group in runs[runs["method"] == method].groupby(["criteria", "engine"], sort=False):
+            values = group[epoch_cols].astype(float)
+            label = " / ".join(k for k in key if k not in ("-", "")) or METHOD_NAMES.get(method, method)
+            ax.plot(epochs, values.mean().values, marker="o", label=f"{label} (n={len(group)})")
+            ax.fill_between(epochs, values.min().values, values.max().values, alpha=0.15)
+        ax.set_title(METHOD_NAMES.get(method, method))
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch (0 = pre-trained)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy")
+    fig.suptitle("Accuracy per epoch (mean over seeds, shaded min-max)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
