@@ -46,8 +46,8 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
     if "final_accuracy" not in final:
         return None  # not run, failed, or from before evaluation existed
     # Teacher work: symbolic epochs, and two_stage's prompt optimisation before training.
-    symbolic = [m for path, m in sorted(metrics.items())
-                if path.startswith("metrics/symbolic/") or path == "metrics/initial_prompt.json"]
+    teacher_work = [m for path, m in sorted(metrics.items())
+                    if path.startswith("metrics/symbolic/") or path == "metrics/initial_prompt.json"]
     row = {
         "experiment": name or rev, "rev": rev,
         "method": _method_label(params), "criteria": params.get("criteria", ""),
@@ -55,9 +55,9 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
         "pretrained_accuracy": final["pretrained_accuracy"], "accuracy": final["final_accuracy"],
         "accuracy_strict": final.get("final_accuracy_strict"), "n": final.get("n"),
         "final_epoch": final.get("final_epoch"),
-        "selected": sum(m.get("selected", 0) for m in symbolic),
-        "accepted": sum(m.get("accepted", 0) for m in symbolic),
-        "teacher_calls": sum((m.get("teacher") or {}).get("calls", 0) for m in symbolic),
+        "selected": sum(m.get("selected", 0) for m in teacher_work),
+        "accepted": sum(m.get("accepted", 0) for m in teacher_work),
+        "teacher_calls": sum((m.get("teacher") or {}).get("calls", 0) for m in teacher_work),
         "seconds": round(sum(m.get("seconds", 0) for path, m in metrics.items()
                              if path.startswith(("metrics/train/", "metrics/eval/", "metrics/symbolic/",
                                                  "metrics/initial_prompt"))
