@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nslora.reporting import save_figure
+
 GROUP = ["method", "criteria", "engine"]
 EPOCH_FILE = re.compile(r"metrics/eval/epoch_(\d+)\.json$")
 
@@ -208,12 +210,7 @@ def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
     fig.suptitle("Accuracy per epoch (mean over seeds, shaded min-max)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 GRID_METHODS = ("nslora", "lora", "prefix", "two_stage", "lora_sysprompt", "nslora_sysprompt")

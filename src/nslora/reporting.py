@@ -47,6 +47,13 @@ def plot_curve(curve: pd.DataFrame, path: Path | str, title: str = "Test accurac
     ax.set_xticks(list(curve.epoch))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path | str) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
