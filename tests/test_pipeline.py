@@ -70,18 +70,24 @@ def check_outputs(repo: Path, epochs: int) -> dict:
     return json.loads((repo / "metrics" / "eval.json").read_text())
 
 
+def tiny_loop_params(model_dir, server, train_size: int, new_tokens: int, **top_level) -> dict:
+    """Params overrides for the whole loop on the tiny model, teacher behind `server`."""
+    return {
+        "model": {"name": str(model_dir)},
+        "data": {"train_size": train_size, "test_size": 4},
+        "train": {"batch_size": 4, "max_length": 512},
+        "eval": {"batch_size": 4, "max_new_tokens": new_tokens},
+        "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": new_tokens},
+        "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
+        **top_level,
+    }
+
+
 def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
     """The whole loop on the tiny model with a teacher behind a real OpenAI-compatible server."""
     with OpenAIServer(reply=textgrad_teacher_reply) as server:
-        repo = make_repo(tmp_path, {
-            "model": {"name": str(tiny_model_dir)},
-            "data": {"train_size": 12, "test_size": 4},
-            "train": {"batch_size": 4, "max_length": 512},
-            "eval": {"batch_size": 4, "max_new_tokens": 6},
-            "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": 6},
-            "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
-            "criteria": "grad_norm",
-        })
+        repo = make_repo(tmp_path, tiny_loop_params(tiny_model_dir, server, train_size=12, new_tokens=6,
+                                                    criteria="grad_norm"))
         run(["dvc", "repro"], repo)
         assert json.loads((repo / "metrics" / "reward.json").read_text())["trained"]
         summary = check_outputs(repo, epochs=2)
@@ -158,15 +164,8 @@ def test_comparison_queue_and_report(tiny_model_dir, tmp_path):
     """`nslora compare` queues every method as a DVC experiment and runs them; `nslora report` makes
     the table and plot from `dvc exp show` with every row filled from a real run."""
     with OpenAIServer(reply=textgrad_teacher_reply) as server:
-        repo = make_repo(tmp_path, {
-            "model": {"name": str(tiny_model_dir)},
-            "data": {"train_size": 8, "test_size": 4},
-            "train": {"batch_size": 4, "max_length": 512},
-            "eval": {"batch_size": 4, "max_new_tokens": 4},
-            "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": 4},
-            "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
-            "epochs": {"1": {"prev": 0, "evaluate": True}},
-        })
+        repo = make_repo(tmp_path, tiny_loop_params(tiny_model_dir, server, train_size=8, new_tokens=4,
+                                                    epochs={"1": {"prev": 0, "evaluate": True}}))
         run(["nslora", "compare", "--methods", "nslora,lora,prefix,two_stage,lora_sysprompt",
              "--criteria", "grad_norm", "--engines", "openai,hint", "--seeds", "0", "--run"], repo, timeout=2400)
         run(["nslora", "report", "--out", "results", "--command", "nslora compare ..."], repo)
