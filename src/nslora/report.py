@@ -31,6 +31,8 @@ def _flatten(prefix: str, value, out: dict) -> None:
 
 
 SYMBOLIC_METHODS = ("nslora", "nslora_sysprompt", "lora_sysprompt")
+# Rows compared with LoRA question by question (their final-epoch predictions are needed).
+PAIRED_METHODS = ("lora", *SYMBOLIC_METHODS)
 
 
 def _method_label(params: dict) -> str:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from nslora.config import CRITERIA
-from nslora.report import (GRID_METHODS, SYMBOLIC_METHODS, differences_from_lora, experiment_grid, markdown_table, plot_epochs,
-                            runs_from_exp_show, summarize_runs)
+from nslora.config import CRITERIA, METHODS
+from nslora.report import (GRID_METHODS, PAIRED_METHODS, differences_from_lora, experiment_grid, markdown_table,
+                           plot_epochs, runs_from_exp_show, summarize_runs)
 
 
 def _csv(value: str) -> list[str]:
@@ -30,7 +30,7 @@ def _dvc(*args: str) -> str:
 
 
 @click.command()
-@click.option("--methods", default="nslora,lora,prefix,two_stage,lora_sysprompt", show_default=True,
+@click.option("--methods", default=",".join(METHODS), show_default=True,
               help=f"Any of {', '.join(GRID_METHODS)} (nslora_sysprompt: NS-LoRA that also refines the system prompt).")
 @click.option("--criteria", default="loss_ratio,grad_norm,random", show_default=True,
               help="Criteria for NS-LoRA runs (other methods run with the first).")
@@ -76,7 +76,7 @@ def _final_correctness(runs) -> dict:
     from nslora.schemas import PREDICTIONS, read_table
 
     correct = {}
-    wanted = runs[runs["method"].isin(("lora", *SYMBOLIC_METHODS))]
+    wanted = runs[runs["method"].isin(PAIRED_METHODS)]
     for row in wanted.itertuples():
         path = f"data/eval/epoch_{int(row.final_epoch)}.parquet"
         try:
