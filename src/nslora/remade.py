@@ -19,7 +19,7 @@ from __future__ import annotations
 import pandas as pd
 import yaml
 
-from nslora.schemas import EXAMPLES, REMADE, REWRITES
+from nslora.schemas import EXAMPLES, REMADE, REWRITES, require_columns
 
 # Licence of each `data.source` (params.yaml), as Hugging Face / SPDX licence identifiers. The
 # remade dataset is a derivative of its source, so it carries the source's licence.
@@ -81,12 +81,6 @@ def _squash(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _require(df: pd.DataFrame, names: list[str], what: str) -> None:
-    missing = [n for n in names if n not in df.columns]
-    if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}")
-
-
 def rewrite_counts(rewrites: list[pd.DataFrame]) -> dict:
     """Count rewrite attempts over the per-epoch REWRITES logs.
 
@@ -104,7 +98,7 @@ def rewrite_counts(rewrites: list[pd.DataFrame]) -> dict:
     """
     per_epoch, logs = [], []
     for k, log in enumerate(rewrites, start=1):
-        _require(log, REWRITES.names, f"rewrites log of epoch {k}")
+        require_columns(log, REWRITES, f"rewrites log of epoch {k}")
         other = sorted(set(log["epoch"].astype(int)) - {k})
         if other:
             raise ValueError(f"rewrites log of epoch {k} holds rows of epoch(s) {other}: pass the "
@@ -142,7 +136,7 @@ def remade_table(final_train: pd.DataFrame, *, criterion: str, teacher: str) -> 
     Raises:
         ValueError: columns of EXAMPLES are missing.
     """
-    _require(final_train, EXAMPLES.names, "final training table")
+    require_columns(final_train, EXAMPLES, "final training table")
     df = final_train.reset_index(drop=True)
     question = df["question"].astype(str)
     original = df["original_question"].fillna("").astype(str)

@@ -144,6 +144,13 @@ def _check(table: pa.Table, schema: pa.Schema, path: Path | str) -> None:
             raise SchemaError(f"{path}: row {row}: column '{f.name}' is empty (null).")
 
 
+def require_columns(df: pd.DataFrame, schema: pa.Schema, what: str) -> None:
+    """Check that an in-memory table has every column of `schema` (extra columns are allowed)."""
+    missing = [n for n in schema.names if n not in df.columns]
+    if missing:
+        raise SchemaError(f"{what}: missing column(s) {missing} of schema {_schema_name(schema)}")
+
+
 def to_table(df: pd.DataFrame, schema: pa.Schema, path: Path | str = "<table>") -> pa.Table:
     """Convert a DataFrame to an Arrow table of exactly `schema` (column order, types)."""
     missing = [n for n in schema.names if n not in df.columns]
