@@ -97,3 +97,13 @@ def test_paper_profile_is_valid_and_builds_the_dag(tmp_path):
     for stage in ("prepare", "lora_epoch@1", "lora_epoch@10", "symbolic_rewrite@10", "evaluate@10", "synthesize_dataset"):
         assert f"Running stage '{stage}'" in dry
     assert "--epoch 10" in dry
+
+
+def test_study_profile_is_valid_and_rewrites_after_epoch_1_only():
+    """The study's profile parses, and its schedule gives symbolic updates after epoch 1 and not
+    after the last epoch (whose rewrites no later epoch would train on)."""
+    from nslora.criteria import should_trigger
+
+    params = load_params(ROOT / "profiles" / "study_chain_sum.yaml")
+    assert (params.data.task, params.data.train_size, len(params.epochs)) == ("chain_sum", 128, 2)
+    assert [should_trigger(k, params.symbolic, None)[0] for k in (1, 2)] == [True, False]
