@@ -64,8 +64,9 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
                     rewriter = CritiqueOnly(rewriter)
         name = engine if engine == "hint" else f"{engine}:{params.teacher.model}"
         result = rewrite_epoch(train, selection, rewriter, student, epoch, cfg,
-                               concurrency=params.teacher.concurrency, engine_name=name)
-    metrics = {**result.metrics, "engine": name, "teacher": teacher.stats() if teacher else {"calls": 0}}
+                               concurrency=params.teacher.concurrency, engine_name=name, budget=teacher)
+    metrics = {**result.metrics, "engine": name, "teacher": teacher.stats() if teacher else {"calls": 0},
+               "teacher_calls": teacher.call_log() if teacher else []}
     if teacher is not None:
         teacher.close()
     write_table(result.train, out_path, EXAMPLES)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 Reply = Callable[[dict], str] | list[str] | str | None
-MALFORMED_KINDS = ("not_json", "no_choices", "empty_content")
+MALFORMED_KINDS = ("not_json", "no_choices", "empty_content", "bad_usage")
 
 
 def echo_reply(request: dict) -> str:
@@ -111,8 +111,8 @@ class OpenAIServer:
         self._queue(n, _Fault(status=status, retry_after=retry_after))
 
     def malform_next(self, n: int, kind: str = "not_json") -> None:
-        """Answer the next `n` requests 200 with a broken body: 'not_json', 'no_choices' or
-        'empty_content'."""
+        """Answer the next `n` requests 200 with a broken body: 'not_json', 'no_choices',
+        'empty_content' or 'bad_usage' (a good reply, unbelievable token counts)."""
         if kind not in MALFORMED_KINDS:
             raise ValueError(f"kind must be one of {MALFORMED_KINDS}")
         self._queue(n, _Fault(malformed=kind))
@@ -189,6 +189,8 @@ class OpenAIServer:
                  "created": int(time.time()), "model": body.get("model"), "choices": choices,
                  "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
                            "total_tokens": prompt_words + len(text.split())}}
+        if fault.malformed == "bad_usage":  # a fine reply with token counts no one can believe
+            reply["usage"] = {"prompt_tokens": "many", "completion_tokens": 10**30}
         return 200, {}, json.dumps(reply).encode()
 
     def _reply_text(self, body: dict) -> str:

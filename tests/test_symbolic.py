@@ -20,7 +20,7 @@ from nslora.schemas import EXAMPLES, REWRITES, to_table
 from nslora.student import Student
 from nslora.symbolic import (HintRewriter, Proposal, Sample, TextGradRewriter, check_rewrite,
                              minilm_similarity, rewrite_epoch, solution_steps, update_system_prompt)
-from nslora.teacher import BudgetExhausted, TeacherError
+from nslora.teacher import BudgetExhausted, Completion, TeacherError
 
 CFG = SymbolicConfig(max_iters=2, student_max_new_tokens=8)
 GSM = Sample(
@@ -58,7 +58,7 @@ class ScriptedTeacher:
             return "update"
         return "gradient" if "<OBJECTIVE_FUNCTION>" in user else "loss"
 
-    def generate(self, messages, *, max_tokens=None, temperature=None) -> str:
+    def generate(self, messages, *, max_tokens=None, temperature=None, kind=None) -> str:
         system = messages[0]["content"] if messages[0]["role"] == "system" else ""
         user = messages[-1]["content"]
         kind = self.kind(system, user)
@@ -245,17 +245,70 @@ def test_rewrite_epoch_is_identical_whatever_the_concurrency(student):
     assert runs[0].metrics["accepted"] == 5 and set(runs[0].log["reason"]) == {"max_iters"}
 
 
-def test_budget_exhausted_stops_the_epoch_cleanly(student):
-    train = make_examples(4)
-    teacher = ScriptedTeacher(budget=6)  # iteration 1 of the first sample (4 calls), then 2 more
-    result = rewrite_epoch(train, selection(train, [0, 1, 2]), TextGradRewriter(teacher, student, CFG),
-                           student, 1, dataclasses.replace(CFG, update_system_prompt=True), 1,
-                           "scripted", progress=False)
-    assert result.log["id"].tolist() == ["ex-train-0000"]
-    assert result.log["reason"].tolist() == ["budget_exhausted"] and result.log["accepted"].all()
-    assert result.metrics["skipped"] == 2 and result.metrics["budget_exhausted"]
-    assert result.metrics["system_prompt_update"] == "budget_exhausted"
-    assert (result.train["question"][1:] == train["question"][1:]).all()
+class ScriptedEngine:
+    """The scripted teacher as an `Engine` behind a real `CachedTeacher` (cache, budget, retries).
+    Its rewrites differ per sample, and `kill_after` raises KeyboardInterrupt at that call, as a
+    killed stage would stop."""
+
+    kind, model = "scripted", "scripted-teacher"
+
+    def __init__(self, kill_after: int | None = None):
+        self.teacher = ScriptedTeacher(improve=lambda v: f"<IMPROVED_VARIABLE>{v} Add all the legs."
+                                                         "</IMPROVED_VARIABLE>")
+        self.kill_after = kill_after
+        self.requests = 0
+        self.lock = threading.Lock()
+
+    def complete(self, messages, max_tokens, temperature, seed):
+        with self.lock:
+            self.requests += 1
+            if self.kill_after is not None and self.requests > self.kill_after:
+                raise KeyboardInterrupt
+        return Completion(self.teacher.generate(messages), 10, 5)
+
+
+def budgeted_epoch(student, cache, max_calls, concurrency, engine=None):
+    from nslora.teacher import CachedTeacher
+
+    train = make_examples(6)
+    teacher = CachedTeacher(engine or ScriptedEngine(), cache, max_calls=max_calls)
+    result = rewrite_epoch(train, selection(train, [0, 1, 2, 3, 4, 5]),
+                           TextGradRewriter(teacher, student, CFG), student, 1,
+                           dataclasses.replace(CFG, update_system_prompt=True), concurrency,
+                           "scripted", progress=False, budget=teacher)
+    return result, teacher
+
+
+def test_budget_funds_whole_attempts_in_id_order_at_any_concurrency(student, tmp_path):
+    # A whole attempt is 4 calls x max_iters 2 = 8; 20 calls fund the first two samples (and the
+    # third's 8 do not fit in the 4 left), whatever the concurrency.
+    runs = [budgeted_epoch(student, tmp_path / f"cache{n}", 20, n) for n in (1, 4)]
+    for result, _ in runs:
+        result.log["seconds"] = 0.0
+        assert result.log["id"].tolist() == ["ex-train-0000", "ex-train-0001"]
+        assert result.metrics["skipped"] == 4 and result.metrics["budget_exhausted"]
+        assert result.metrics["proposals"] == {"made": 4, "tagged": 4, "passed_checks": 4,
+                                               "student_correct_after": 0}
+        assert (result.train["question"][2:] == make_examples(6)["question"][2:]).all()
+    pd.testing.assert_frame_equal(runs[0][0].log, runs[1][0].log)
+    pd.testing.assert_frame_equal(runs[0][0].train, runs[1][0].train)
+    stats = runs[1][1].stats()
+    # 16 for the two samples, then one of the 4 left for the end-of-epoch system-prompt step.
+    assert stats["requests"] == 17 and stats["by_kind"]["rewrite"]["calls"] == 5
+    assert [e["label"] for e in runs[1][1].call_log()] == [""] + ["ex-train-0000"] * 8 + ["ex-train-0001"] * 8
+
+
+def test_killed_then_resumed_epoch_equals_an_uninterrupted_one(student, tmp_path):
+    whole, _ = budgeted_epoch(student, tmp_path / "whole", 40, 4)
+    with pytest.raises(KeyboardInterrupt):
+        budgeted_epoch(student, tmp_path / "killed", 40, 4, engine=ScriptedEngine(kill_after=11))
+    resumed, teacher = budgeted_epoch(student, tmp_path / "killed", 40, 4)
+    assert teacher.stats()["cache_hits"] >= 8  # the completed calls were not made again
+    for result in (whole, resumed):
+        result.log["seconds"] = 0.0
+    pd.testing.assert_frame_equal(whole.log, resumed.log)
+    pd.testing.assert_frame_equal(whole.train, resumed.train)
+    assert whole.log["id"].tolist() == [f"ex-train-000{i}" for i in range(5)]  # 40 calls: 5 samples
 
 
 class AnswersRightWhenHinted:

@@ -122,11 +122,14 @@ def test_failing_teacher_keeps_originals_and_records_why(inputs, server, tmp_pat
 
 def test_budget_ends_cleanly_and_a_resumed_run_repeats_no_completed_call(inputs, server, tmp_path):
     server.reset_counts()
-    _, first = run_stage(inputs, server, tmp_path / "run", tmp_path / "cache", max_calls_per_epoch=6,
-                         concurrency=1)
-    assert first["budget_exhausted"] and first["teacher"]["calls"] == 6 and server.count == 6
+    # 10 calls fund two whole samples (4 calls each) in id order; the 2 left fund no third.
+    _, first = run_stage(inputs, server, tmp_path / "run", tmp_path / "cache", max_calls_per_epoch=10)
+    assert first["budget_exhausted"] and first["teacher"]["calls"] == 8 and server.count == 8
+    assert first["skipped"] == 2 and first["accepted"] == 2
+    assert [c["label"] for c in first["teacher_calls"]] == ["ex-train-0000"] * 4 + ["ex-train-0001"] * 4
+    assert all(c["prompt_tokens"] > 0 and c["completion_tokens"] > 0 for c in first["teacher_calls"])
     _, second = run_stage(inputs, server, tmp_path / "resume", tmp_path / "cache")
-    assert second["teacher"]["cache_hits"] == 6 and second["teacher"]["calls"] == CALLS - 6
+    assert second["teacher"]["cache_hits"] == 8 and second["teacher"]["calls"] == CALLS - 8
     assert server.count == CALLS and second["accepted"] == SAMPLES
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import sys
 import threading
@@ -74,7 +75,7 @@ def test_cache_survives_a_rerun(server, make, tmp_path):
     files = sorted((tmp_path / "cache").rglob("*.json"))
     assert len(files) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))
     request = {"engine": "openai", "model": "test-model", "messages": ask("q0"), "max_tokens": 512,
-               "temperature": 0.0}
+               "temperature": 0.0, "endpoint": first.engine.endpoint}
     key = cache_key(request)
     assert tmp_path / "cache" / key[:2] / f"{key}.json" in files
 
@@ -135,6 +136,58 @@ def test_too_slow_times_out_then_retries_or_fails(server, make):
     with pytest.raises(TeacherError, match="timeout: no reply .* within 0.5s"):
         teacher.generate(ask("slower"))
     assert teacher.stats()["failures_by_reason"] == {"timeout": 1}
+
+
+def test_cache_key_names_the_endpoint_not_only_the_model(server, make, tmp_path):
+    first = make()
+    assert first.generate(ask("q")) == "reply to: q"
+    with OpenAIServer(model="test-model", reply="another server's reply") as other:
+        engine = OpenAIEngine(other.base_url, "test-model", SECRET, timeout=5)
+        with CachedTeacher(engine, tmp_path / "cache") as second:  # the same cache directory
+            assert second.generate(ask("q")) == "another server's reply"
+            assert other.count == 1
+    text = "".join(f.read_text() for f in (tmp_path / "cache").rglob("*.json"))
+    assert server.base_url not in text and "127.0.0.1" not in text  # an opaque id, not the URL
+
+
+def test_503_waits_for_retry_after(server, make):
+    teacher = make(backoff_base=0.01)
+    server.fail_next(1, status=503, retry_after=1)
+    start = time.monotonic()
+    assert teacher.generate(ask("x")) == "reply to: x"
+    assert time.monotonic() - start >= 1.0
+    assert server.counts_by_status == {503: 1, 200: 1}
+
+
+def test_unbelievable_usage_is_recorded_as_zero_not_a_crash(server, make, tmp_path):
+    teacher = make()
+    server.malform_next(1, "bad_usage")
+    assert teacher.generate(ask("x")) == "reply to: x"
+    stats = teacher.stats()
+    assert (stats["calls"], stats["prompt_tokens"], stats["completion_tokens"]) == (1, 0, 0)
+    # The same from a cache file edited by hand: the reply is served, the counts are dropped.
+    entry = next((tmp_path / "cache").rglob("*.json"))
+    data = json.loads(entry.read_text())
+    data.update(prompt_tokens="lots", completion_tokens=1e300)
+    entry.write_text(json.dumps(data))
+    rerun = make()
+    assert rerun.generate(ask("x")) == "reply to: x" and server.count == 1
+    assert rerun.call_log()[0]["prompt_tokens"] == 0
+
+
+def test_budget_counts_every_request_retries_included(server, make):
+    teacher = make(max_calls=3)
+    server.fail_next(2, status=500)
+    assert teacher.generate(ask("a")) == "reply to: a"  # three requests: the budget is spent
+    with pytest.raises(BudgetExhausted):
+        teacher.generate(ask("b"))
+    assert server.count == 3
+    server.malform_next(5, "not_json")
+    fresh = make(max_calls=2, max_retries=4)
+    with pytest.raises(BudgetExhausted):
+        fresh.generate(ask("c"))  # malformed replies are billed requests too: 2, then refused
+    assert server.count == 5 and fresh.stats()["requests"] == 2
+    server.clear_faults()
 
 
 def test_budget_exhausted(server, make):

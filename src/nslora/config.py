@@ -175,7 +175,15 @@ class TeacherConfig:
     timeout: float = _help("Seconds before one teacher call is abandoned (and retried).", 60.0)
     max_retries: int = _help("Retries of a call after 429, 5xx, timeouts or malformed replies, with "
                              "exponential backoff.", 4)
-    max_tokens: int = _help("Maximum new tokens of one teacher reply.", 512)
+    max_tokens: int = _help("Maximum new tokens of one teacher reply (calls without a cap of their "
+                            "own, e.g. the system-prompt update).", 512)
+    critique_max_tokens: int = _help(
+        "TextGrad loss: new tokens of the teacher's critique of the student's answer.", 192)
+    feedback_max_tokens: int = _help(
+        "TextGrad backward: new tokens of each textual gradient (feedback on the answer, then on "
+        "the question).", 256)
+    rewrite_max_tokens: int = _help(
+        "TextGrad step: new tokens of the reply holding the improved question (tags included).", 384)
     temperature: float = _help("Teacher sampling temperature (0 = greedy, cache-friendly).", 0.0)
     concurrency: int = _help("Samples rewritten in parallel (teacher calls in flight).", 4)
     max_calls_per_epoch: int = _help(

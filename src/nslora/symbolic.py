@@ -18,8 +18,9 @@ never change. Two rewriters share one interface:
     write_table(result.log, "data/rewrites/epoch_2.parquet", REWRITES)
 
 Teacher failures never crash an epoch: they end that sample's rewrite with a reason code
-('no_improved_variable_tags', 'teacher_error: ...'); a spent budget ('budget_exhausted') stops the
-epoch cleanly, and the samples not yet started keep their questions.
+('no_improved_variable_tags', 'teacher_error: ...'). The teacher's budget is reserved per sample in
+id order before it starts (a whole attempt each); samples the budget cannot fund keep their
+questions, and the outcome is the same at any concurrency and after a kill and resume.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import types
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -192,6 +194,10 @@ class Proposal:
 
 
 class Rewriter(Protocol):
+    # Teacher calls one `propose` makes (0 without a teacher); a sample's budget reservation is this
+    # times `max_iters`.
+    calls_per_iteration: int
+
     def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
         """A rewrite of `question` (the current version), which the student answered `student_output`.
 
@@ -254,6 +260,8 @@ class HintRewriter:
     hints in an earlier epoch gets further ones. No teacher, no critiques; the system prompt is left.
     """
 
+    calls_per_iteration = 0
+
     def hinted(self, sample: Sample, k: int) -> str:
         """The original question followed by the first `k` revealable steps as a hint."""
         steps = revealable_steps(sample)[:k]
@@ -277,15 +285,21 @@ class HintRewriter:
 # TextGrad
 
 
-QUESTION_ROLE = ("question given to a student language model; it must keep every fact and number of the "
-                 "original problem, so its correct answer stays the same, and be worded so that the "
-                 "student solves it correctly")
+QUESTION_ROLE = ("question given to a student language model; it must keep the task's instruction sentence "
+                 "and every number and fact of the original problem, so its correct answer stays the same, "
+                 "and be worded so that the student solves it correctly")
 ANSWER_ROLE = "the student model's step-by-step answer to the question, ending with its final answer"
 SYSTEM_ROLE = "the student model's system prompt, used for every question it answers"
+# What the rewrite checks enforce, said to the teacher up front: a 1.5B teacher without them drops
+# the task's instruction sentence (too_short), states the result (answer_leaked) or recomputes a
+# quantity (numbers_changed).
 QUESTION_CONSTRAINTS = [
-    "Keep every number and fact of the question; its correct final answer must stay the same.",
-    "Do not state, compute or hint at the final answer.",
-    "Write only the question (you may add short guidance on how to approach it), nothing else.",
+    "Copy the question's instruction sentence (what to find and how to give the answer) word for word.",
+    "Keep every number of the question exactly as written, in digits, and every fact; the correct final "
+    "answer must stay the same.",
+    "Never compute anything: state no intermediate result, no final answer and no hint at its value.",
+    "You may reword for clarity and add one or two short sentences on how to approach the problem.",
+    "Write only the new question, nothing else.",
 ]
 PROMPT_CONSTRAINTS = [
     "Keep it general: it is used for every question, so do not mention any specific problem or number.",
@@ -300,10 +314,22 @@ def _evaluation_instruction(sample: Sample, question: str) -> str:
         f"Question: {question}\n"
         f"Reference solution: {sample.solution}\n"
         f"Correct final answer: {sample.final_answer}\n"
-        "Compare the student's answer (the input) with the reference solution. Say concisely where "
-        "and why the student's reasoning or final answer goes wrong, and what in the wording of the "
-        "question may have misled the student."
+        "Compare the student's answer (the input) with the reference solution. In at most four "
+        "sentences, say where and why the student's reasoning or final answer goes wrong, and what "
+        "in the wording of the question may have misled the student."
     )
+
+
+def call_kind(system_prompt: str | None) -> str:
+    """Which of TextGrad's calls a teacher request is, from its system prompt: 'feedback' (the
+    backward engine's textual gradients), 'rewrite' (the optimizer's step) or 'critique' (the
+    loss: our grading instruction). Each kind has its own reply cap (teacher.*_max_tokens)."""
+    text = system_prompt or ""
+    if "gradient (feedback) engine" in text:
+        return "feedback"
+    if "use the feedback to improve the variable" in text:
+        return "rewrite"
+    return "critique"
 
 
 _TEXTGRAD_LOCK = threading.Lock()
@@ -344,7 +370,8 @@ def _load_textgrad() -> Any:
         def generate(self, prompt: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
             text = prompt if isinstance(prompt, str) else "\n".join(p for p in prompt if isinstance(p, str))
             chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            return self.teacher.generate(chat + [{"role": "user", "content": text}])
+            return self.teacher.generate(chat + [{"role": "user", "content": text}],
+                                         kind=call_kind(system_prompt))
 
         # EngineLM.__call__ does nothing and returns None; every TextGrad op calls engine(...).
         def __call__(self, prompt: Any, **kwargs: Any) -> str:
@@ -413,6 +440,9 @@ class TextGradRewriter:
         cfg: `student_max_new_tokens`.
     """
 
+    # The loss, its backward to the answer, the answer's backward to the question, the TGD step.
+    calls_per_iteration = 4
+
     def __init__(self, teacher: Teacher, student: Student, cfg: SymbolicConfig):
         self.teacher = teacher
         self.student = student
@@ -455,6 +485,8 @@ class TextGradRewriter:
 class CritiqueOnly:
     """method=lora_sysprompt: questions stay as they are; each selected sample contributes only the
     teacher's critique, and the critiques drive the end-of-epoch system-prompt update."""
+
+    calls_per_iteration = 1
 
     def __init__(self, rewriter: TextGradRewriter):
         self.rewriter = rewriter
@@ -574,38 +606,47 @@ def _is_right(output: str, final_answer: str) -> bool:
     return is_correct(flexible_extract(output, is_numeric(final_answer)), final_answer)
 
 
+PROPOSAL_COUNTS = ("made", "tagged", "passed_checks", "student_correct_after")
+
+
 def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: Student,
                     cfg: SymbolicConfig, similarity: Similarity | None,
-                    stop: threading.Event) -> dict | None:
-    """Propose, check and re-ask until the student is right or `max_iters`; a REWRITES row.
+                    stop: threading.Event) -> tuple[dict, Counter] | None:
+    """Propose, check and re-ask until the student is right or `max_iters`.
 
-    Returns None when the budget ran out before this sample started.
+    Returns:
+        (the REWRITES row, counts of its proposals by `PROPOSAL_COUNTS`), or None when the epoch
+        was stopped before this sample started.
     """
     if stop.is_set():
         return None
     question, output, proposed = sample.question, before, ""
     critiques: list[str] = []
+    counts: Counter = Counter()
     reason, iterations = "max_iters", 0
     for iteration in range(1, cfg.max_iters + 1):
         if stop.is_set():
-            reason = "budget_exhausted"
+            reason = "stopped"
             break
         iterations = iteration
         proposal = rewriter.propose(sample, question, output, iteration)
         if proposal.feedback:
             critiques.append(proposal.feedback)
-        if proposal.failure == "budget_exhausted":
-            stop.set()
+        if proposal.question is not None or proposal.failure == "no_improved_variable_tags":
+            counts["made"] += 1
         if proposal.question is not None:
             proposed = proposal.question
+            counts["tagged"] += 1
         failure = proposal.failure or _check_proposal(sample, question, proposal.question, cfg, similarity)
         if failure:
             # A teacher at temperature 0 would propose the same again; stop rather than retry.
             reason = failure
             break
+        counts["passed_checks"] += 1
         question = proposal.question
         output = student.answer(sample.system_prompt, [question], cfg.student_max_new_tokens)[0]
         if _is_right(output, sample.final_answer):
+            counts["student_correct_after"] += 1
             reason = "correct"
             break
     return {
@@ -614,7 +655,7 @@ def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: St
         "accepted": question != sample.question, "reason": reason,
         "feedback": FEEDBACK_SEPARATOR.join(critiques), "student_output_before": before,
         "student_output_after": output, "correct_after": _is_right(output, sample.final_answer),
-    }
+    }, counts
 
 
 def _check_proposal(sample: Sample, current: str, proposal: str | None, cfg: SymbolicConfig,
@@ -649,25 +690,62 @@ def _candidates(train: pd.DataFrame, selected: pd.DataFrame) -> tuple[list[Sampl
     return samples, outputs
 
 
+class Budget(Protocol):
+    """Reservations of teacher calls (`CachedTeacher` is one)."""
+
+    def reserve(self, requests: int, label: str = "") -> Any: ...
+
+    def drawing_from(self, allowance: Any) -> Any: ...
+
+
 def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewriter, student: Student,
                  cfg: SymbolicConfig, similarity: Similarity | None, concurrency: int,
-                 stop: threading.Event, progress: bool) -> list[dict]:
-    """Rewrite `samples` on `concurrency` threads; the rows of those attempted, sorted by id."""
-    rows = []
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = [pool.submit(_rewrite_sample, s, outputs[s.id], rewriter, student, cfg, similarity, stop)
-                   for s in samples]
-        try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc="symbolic rewrites",
-                               disable=not progress):
-                if (row := future.result()) is not None:
-                    rows.append(row)
-        except BaseException:
-            stop.set()
-            for future in futures:
-                future.cancel()
-            raise
-    return sorted(rows, key=lambda r: r["id"])
+                 budget: Budget | None, stop: threading.Event,
+                 progress: bool) -> tuple[list[tuple[dict, Counter]], int]:
+    """Rewrite `samples` on `concurrency` threads.
+
+    With a budget, each sample is funded with a whole attempt (`calls_per_iteration * max_iters`
+    calls) before it starts, in id order, in waves: what the samples of one wave leave unused funds
+    the next. Which samples are rewritten therefore never depends on thread timing, on
+    `concurrency`, or on replies coming from the cache after a kill.
+
+    Returns:
+        (the (row, proposal counts) of every attempted sample, sorted by id; the number of samples
+        left unfunded).
+    """
+    per_sample = rewriter.calls_per_iteration * cfg.max_iters
+    todo = list(samples)
+    results: list[tuple[dict, Counter]] = []
+
+    def attempt(sample: Sample, allowance: Any) -> tuple[dict, Counter] | None:
+        if allowance is None:
+            return _rewrite_sample(sample, outputs[sample.id], rewriter, student, cfg, similarity, stop)
+        with budget.drawing_from(allowance):
+            return _rewrite_sample(sample, outputs[sample.id], rewriter, student, cfg, similarity, stop)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
+            tqdm(total=len(samples), desc="symbolic rewrites", disable=not progress) as bar:
+        while todo:
+            if budget is None or per_sample == 0:
+                wave, todo = [(sample, None) for sample in todo], []
+            else:
+                wave = []
+                while todo and (allowance := budget.reserve(per_sample, label=todo[0].id)) is not None:
+                    wave.append((todo.pop(0), allowance))
+                if not wave:
+                    break
+            futures = [pool.submit(attempt, sample, allowance) for sample, allowance in wave]
+            try:
+                for future in as_completed(futures):
+                    if (result := future.result()) is not None:
+                        results.append(result)
+                    bar.update()
+            except BaseException:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
+    return sorted(results, key=lambda r: r[0]["id"]), len(todo)
 
 
 def _next_train(train: pd.DataFrame, log_df: pd.DataFrame, epoch: int, engine_name: str) -> pd.DataFrame:
@@ -694,7 +772,8 @@ def _prompt_feedback(log_df: pd.DataFrame) -> list[str]:
 
 def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewriter, student: Student,
                   epoch: int, cfg: SymbolicConfig, concurrency: int, engine_name: str,
-                  progress: bool = True, similarity: Similarity | None = None) -> EpochRewrite:
+                  progress: bool = True, similarity: Similarity | None = None,
+                  budget: Budget | None = None) -> EpochRewrite:
     """The symbolic update of one epoch.
 
     Args:
@@ -710,12 +789,15 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
         progress: show a tqdm bar over samples.
         similarity: for the 'off_topic' check; loaded with `minilm_similarity()` when
             `cfg.similarity_threshold` is set and none is given.
+        budget: the teacher's budget (the `CachedTeacher`); samples are funded from it in id order,
+            so the outcome does not depend on `concurrency`. None: no reservations.
 
     Returns:
         EpochRewrite: the next epoch's table (accepted rewrites replace `question`, and an accepted
         system prompt replaces every row's `system_prompt`), the REWRITES log, the system prompt and
         metrics (selected, incorrect, attempted, accepted, rejected_by_reason, student_correct_after,
-        skipped, budget_exhausted, system_prompt_update, seconds).
+        proposals (made, tagged, passed_checks, student_correct_after), skipped, budget_exhausted,
+        system_prompt_update, seconds).
 
     Raises:
         ValueError: `selected` names ids that `train` lacks.
@@ -726,7 +808,10 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
         similarity = minilm_similarity()
     samples, outputs = _candidates(train, selected)
     stop = threading.Event()
-    rows = _run_samples(samples, outputs, rewriter, student, cfg, similarity, concurrency, stop, progress)
+    results, unfunded = _run_samples(samples, outputs, rewriter, student, cfg, similarity, concurrency,
+                                     budget, stop, progress)
+    rows = [row for row, _ in results]
+    proposals = sum((counts for _, counts in results), Counter())
     log_df = pd.DataFrame(rows, columns=[n for n in REWRITES.names if n not in ("epoch", "engine")])
     log_df.insert(1, "epoch", epoch)
     log_df.insert(REWRITES.names.index("engine"), "engine", engine_name)
@@ -734,7 +819,7 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
                             "correct_after": bool})
     next_train = _next_train(train, log_df, epoch, engine_name)
     system_prompt = str(train["system_prompt"].iloc[0]) if len(train) else ""
-    new_prompt, prompt_reason = _next_system_prompt(rewriter, system_prompt, log_df, cfg, stop)
+    new_prompt, prompt_reason = _next_system_prompt(rewriter, system_prompt, log_df, cfg)
     if prompt_reason == "accepted":
         next_train["system_prompt"] = new_prompt
     rejected = log_df[~log_df["accepted"]]["reason"].value_counts().sort_index()
@@ -744,18 +829,18 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
         "attempted": int(len(log_df)), "accepted": int(log_df["accepted"].sum()),
         "rejected_by_reason": {str(k): int(v) for k, v in rejected.items()},
         "student_correct_after": int(log_df["correct_after"].sum()),
-        "skipped": len(samples) - len(log_df), "budget_exhausted": stop.is_set(),
+        "proposals": {name: int(proposals[name]) for name in PROPOSAL_COUNTS},
+        "skipped": len(samples) - len(log_df),
+        "budget_exhausted": bool(unfunded) or bool((log_df["reason"] == "budget_exhausted").any()),
         "system_prompt_update": prompt_reason, "seconds": round(time.perf_counter() - start, 3),
     }
     return EpochRewrite(train=next_train, log=log_df, system_prompt=new_prompt, metrics=metrics)
 
 
 def _next_system_prompt(rewriter: Rewriter, system_prompt: str, log_df: pd.DataFrame,
-                        cfg: SymbolicConfig, stop: threading.Event) -> tuple[str, str]:
+                        cfg: SymbolicConfig) -> tuple[str, str]:
     if not cfg.update_system_prompt:
         return system_prompt, "disabled"
     if rewriter is None or log_df.empty:
         return system_prompt, "no_feedback"
-    if stop.is_set():
-        return system_prompt, "budget_exhausted"
     return rewriter.revise_system_prompt(system_prompt, _prompt_feedback(log_df))

@@ -10,7 +10,8 @@ cache, retries with backoff, a per-epoch call budget and counters:
     teacher.stats()  # {"calls": 1, "cache_hits": 0, "retries": 0, ...}
 
 Every completed call is written to the cache at once, so a killed stage loses nothing and a rerun
-repeats no completed call. The cache never holds the API key or the server URL.
+repeats no completed call. The cache never holds the API key or the server URL (only an opaque id
+of the endpoint, so replies of one server are never served for another).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class TeacherCallError(TeacherError):
 
 class Teacher(Protocol):
     def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-                 temperature: float | None = None) -> str:
-        """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+                 temperature: float | None = None, kind: str = "other") -> str:
+        """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]); `kind` names
+        the kind of call ('critique', 'feedback', 'rewrite', ...) in the per-call accounting."""
         ...
 
 
@@ -84,7 +86,8 @@ class Completion:
 
 
 class Engine(Protocol):
-    """The one method a model backend implements. `kind` and `model` go into the cache key."""
+    """The one method a model backend implements. `kind`, `model` and, where the engine has one,
+    `endpoint` (an opaque id of the server, never the URL itself) go into the cache key."""
 
     kind: str
     model: str
@@ -95,10 +98,49 @@ class Engine(Protocol):
         ...
 
 
+# Token counts above this are not believed (a server or cache file bug, not a real reply).
+MAX_TOKEN_COUNT = 10**8
+
+
+def token_count(value: object) -> int | None:
+    """A reported token count as a non-negative int, or None when it is missing or not believable
+    (non-numeric, negative, fractional, huge): usage is metadata and must never end a stage."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        return None
+    return number if 0 <= number <= MAX_TOKEN_COUNT else None
+
+
 def cache_key(request: dict) -> str:
     """sha256 of the canonical JSON of a request (sorted keys, no whitespace)."""
     canonical = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class Allowance:
+    """Budget reserved for one piece of work (one sample's rewrite), in calls: every `generate`
+    inside it costs one, whether the reply comes from the engine or the cache, so the work an
+    allowance buys is the same in a fresh run, a resumed run and a forced re-run. (Retries are
+    paid from the shared budget.)"""
+
+    def __init__(self, requests: int | None, label: str = ""):
+        self.left = requests  # None = unlimited
+        self.label = label
+
+    def charge(self, requests: int) -> None:
+        if self.left is not None:
+            if requests > self.left:
+                raise BudgetExhausted(
+                    f"teacher budget spent: the calls reserved for {self.label or 'this work'} are "
+                    "used up (teacher.max_calls_per_epoch); its question is kept")
+            self.left -= requests
 
 
 class ReplyCache:
@@ -124,15 +166,16 @@ class ReplyCache:
                 or not isinstance(entry.get("text"), str)):
             log.warning("teacher cache: entry %s does not match its request; calling again", path)
             return None
-        return Completion(entry["text"], int(entry.get("prompt_tokens", 0)),
-                          int(entry.get("completion_tokens", 0)))
+        return Completion(entry["text"], token_count(entry.get("prompt_tokens")) or 0,
+                          token_count(entry.get("completion_tokens")) or 0)
 
-    def put(self, key: str, request: dict, completion: Completion, seconds: float) -> None:
+    def put(self, key: str, request: dict, completion: Completion, seconds: float,
+            requests: int = 1) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "request": request, "text": completion.text,
                  "prompt_tokens": completion.prompt_tokens,
-                 "completion_tokens": completion.completion_tokens,
+                 "completion_tokens": completion.completion_tokens, "requests": requests,
                  "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         # tmp + os.replace: a run killed mid-write leaves a stray .tmp file, never a torn entry.
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=".",
@@ -144,23 +187,33 @@ class ReplyCache:
 
 
 class CachedTeacher:
-    """A `Teacher` over an `Engine`: disk cache, retries with backoff, call budget, counters.
+    """A `Teacher` over an `Engine`: disk cache, retries with backoff, request budget, counters.
 
     Thread-safe: callers run `teacher.concurrency` samples at once. Two threads asking the same
     request at the same time make one engine call; the second gets the cached reply.
+
+    Budget: every request that reaches the engine costs one unit, retries included. Work that must
+    not depend on thread timing reserves its calls up front, in a fixed order (`reserve`), and draws
+    on them (`drawing_from`); such an allowance is charged for cached replies too, so a resumed or
+    forced re-run does exactly the work of an uninterrupted run. Retries are paid from what is not
+    reserved.
     """
 
     def __init__(self, engine: Engine, cache_dir: Path | str, *, max_retries: int = 4,
                  max_calls: int | None = None, max_tokens: int = 512, temperature: float = 0.0,
-                 backoff_base: float = 0.5, backoff_max: float = 30.0, max_retry_after: float = 120.0):
+                 max_tokens_by_kind: dict[str, int] | None = None, backoff_base: float = 0.5,
+                 backoff_max: float = 30.0, max_retry_after: float = 120.0):
         """
         Args:
             engine: the model backend (`OpenAIEngine`, `LocalEngine`, or any `Engine`).
             cache_dir: directory of the reply cache (inside the project, e.g. .nslora/teacher_cache).
             max_retries: retries of one call after retryable failures before giving up.
-            max_calls: budget of calls that reach the engine (cache hits are free); None = no limit.
+            max_calls: budget of requests that reach the engine, retries included (cache hits
+                outside an allowance are free); None = no limit.
             max_tokens: default reply length when `generate` is not given one.
             temperature: default temperature when `generate` is not given one.
+            max_tokens_by_kind: reply length per kind of call (e.g. {'critique': 192}), used
+                before `max_tokens` when `generate` is given a kind but no max_tokens.
             backoff_base: first retry waits about this long (jittered); each retry doubles it.
             backoff_max: cap of one backoff wait.
             max_retry_after: cap on a server's Retry-After, so a bogus header cannot stall a stage.
@@ -170,6 +223,7 @@ class CachedTeacher:
         self.max_retries = max_retries
         self.max_calls = max_calls
         self.max_tokens = max_tokens
+        self.max_tokens_by_kind = dict(max_tokens_by_kind or {})
         self.temperature = temperature
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -177,65 +231,128 @@ class CachedTeacher:
         self._lock = threading.Lock()
         self._inflight: dict[str, list] = {}  # key -> [lock, number of threads holding or waiting]
         self._rng = random.Random()
+        self._unreserved = max_calls  # budget neither spent nor reserved; None = unlimited
+        self._local = threading.local()  # .allowance: the Allowance this thread draws on
         self._counts: Counter = Counter()
         self._seconds = 0.0
         self._failures_by_reason: Counter = Counter()
         self._retries_by_reason: Counter = Counter()
+        self._call_log: list[dict] = []
+        self._seq: Counter = Counter()
 
     def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-                 temperature: float | None = None) -> str:
+                 temperature: float | None = None, kind: str = "other") -> str:
         """The assistant's reply to `messages`, from the cache or the engine.
 
         Args:
             messages: chat messages [{"role": ..., "content": ...}, ...].
-            max_tokens: reply length limit (default: the teacher's).
+            max_tokens: reply length limit (default: the teacher's for this kind of call).
             temperature: sampling temperature (default: the teacher's). Replies at temperature > 0
                 are cached too, so a rerun sees the same reply.
+            kind: the kind of call, recorded with its token counts in `call_log`.
 
         Returns:
             The reply text.
 
         Raises:
-            BudgetExhausted: the call would reach the engine and the budget is spent.
+            BudgetExhausted: the call would reach the engine and the budget (or this thread's
+                allowance) is spent.
             TeacherError: the engine failed for good (non-retryable, or after `max_retries`).
             ValueError: `messages` is not a list of {"role": str, "content": str}.
         """
         _check_messages(messages)
-        max_tokens = self.max_tokens if max_tokens is None else int(max_tokens)
+        if max_tokens is None:
+            max_tokens = self.max_tokens_by_kind.get(kind, self.max_tokens)
+        max_tokens = int(max_tokens)
         temperature = self.temperature if temperature is None else float(temperature)
         request = {"engine": self.engine.kind, "model": self.engine.model, "messages": messages,
                    "max_tokens": max_tokens, "temperature": float(temperature)}
+        endpoint = getattr(self.engine, "endpoint", None)
+        if endpoint:
+            # Another server answering to the same model name (a test server, a different
+            # deployment) is another teacher: its replies must not be served for this one.
+            request["endpoint"] = endpoint
         key = cache_key(request)
+        allowance = getattr(self._local, "allowance", None)
         with self._one_call_per_key(key):
+            if allowance is not None:
+                with self._lock:
+                    self._charge_allowance(allowance)
             cached = self.cache.get(key, request)
             if cached is not None:
-                with self._lock:
-                    self._counts["cache_hits"] += 1
+                self._record(kind, cached, 0, 0.0, cached=True)
                 return cached.text
-            self._take_budget()
             # The seed comes from the request, so sampling engines give the same reply on a rerun.
-            completion, seconds = self._call(messages, max_tokens, temperature, seed=int(key[:8], 16))
-            self.cache.put(key, request, completion, seconds)
+            completion, seconds, requests = self._call(messages, max_tokens, temperature,
+                                                       seed=int(key[:8], 16),
+                                                       funded=allowance is not None)
+            self.cache.put(key, request, completion, seconds, requests)
+            self._record(kind, completion, requests, seconds, cached=False)
             return completion.text
+
+    def reserve(self, requests: int, label: str = "") -> Allowance | None:
+        """Set aside `requests` units of the budget for one piece of work, or None when fewer are
+        left. Call it in a fixed order (e.g. sample ids) before the work starts, so which work is
+        funded never depends on thread timing."""
+        with self._lock:
+            if self._unreserved is None:
+                return Allowance(None, label)
+            if requests > self._unreserved:
+                return None
+            self._unreserved -= requests
+            return Allowance(requests, label)
+
+    @contextlib.contextmanager
+    def drawing_from(self, allowance: Allowance) -> Iterator[Allowance]:
+        """Calls made by this thread inside the block are charged to `allowance`; what is left of
+        it goes back to the budget at the end."""
+        self._local.allowance = allowance
+        try:
+            yield allowance
+        finally:
+            self._local.allowance = None
+            with self._lock:
+                if self._unreserved is not None and allowance.left:
+                    self._unreserved += allowance.left
+                allowance.left = 0
 
     def stats(self) -> dict:
         """Counters since this teacher was made.
 
         Returns:
-            calls (generate calls that reached the engine; each took one unit of budget),
-            cache_hits, retries (extra attempts), failures (calls that raised TeacherError after
-            reaching the engine), budget_exhausted (calls refused by the budget), prompt_tokens,
-            completion_tokens, seconds (engine wall time summed over threads), failures_by_reason
-            (failures keyed by the reason of their last attempt) and retries_by_reason.
+            calls (generate calls that reached the engine), requests (what reached the engine,
+            retries included; the budget's unit), cache_hits, retries (extra attempts), failures
+            (calls that raised TeacherError after reaching the engine), budget_exhausted (calls
+            refused by the budget), prompt_tokens, completion_tokens (of engine replies), seconds
+            (engine wall time summed over threads), failures_by_reason (keyed by the reason of
+            their last attempt), retries_by_reason, and by_kind: calls, cache hits and tokens per
+            kind of call.
         """
         with self._lock:
             stats = {name: self._counts[name] for name in
-                     ("calls", "cache_hits", "retries", "failures", "budget_exhausted",
+                     ("calls", "requests", "cache_hits", "retries", "failures", "budget_exhausted",
                       "prompt_tokens", "completion_tokens")}
             stats["seconds"] = round(self._seconds, 3)
             stats["failures_by_reason"] = dict(self._failures_by_reason)
             stats["retries_by_reason"] = dict(self._retries_by_reason)
+            by_kind: dict[str, Counter] = {}
+            for entry in self._call_log:
+                counts = by_kind.setdefault(entry["kind"], Counter())
+                counts["cache_hits" if entry["cached"] else "calls"] += 1
+                counts["prompt_tokens"] += entry["prompt_tokens"]
+                counts["completion_tokens"] += entry["completion_tokens"]
+            stats["by_kind"] = {k: {n: v[n] for n in ("calls", "cache_hits", "prompt_tokens",
+                                                      "completion_tokens")}
+                                for k, v in sorted(by_kind.items())}
         return stats
+
+    def call_log(self) -> list[dict]:
+        """One entry per generate call that returned: label (of the allowance it was charged to),
+        seq (its order within that label), kind, cached, requests, prompt_tokens,
+        completion_tokens, seconds; sorted by label and seq, so it reads the same at any
+        concurrency."""
+        with self._lock:
+            return sorted((dict(e) for e in self._call_log), key=lambda e: (e["label"], e["seq"]))
 
     def close(self) -> None:
         """Release the engine's connections (if it holds any)."""
@@ -266,19 +383,43 @@ class CachedTeacher:
                 if slot[1] == 0:
                     del self._inflight[key]
 
-    def _take_budget(self) -> None:
+    def _record(self, kind: str, completion: Completion, requests: int, seconds: float,
+                cached: bool) -> None:
+        allowance = getattr(self._local, "allowance", None)
+        label = allowance.label if allowance is not None else ""
         with self._lock:
-            if self.max_calls is not None and self._counts["calls"] >= self.max_calls:
-                self._counts["budget_exhausted"] += 1
-                raise BudgetExhausted(
-                    f"teacher budget spent: {self.max_calls} calls this epoch "
-                    "(teacher.max_calls_per_epoch); remaining samples keep their questions")
-            self._counts["calls"] += 1
+            self._counts["cache_hits" if cached else "calls"] += 1
+            self._call_log.append({
+                "label": label, "seq": self._seq[label], "kind": kind, "cached": cached,
+                "requests": requests, "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens, "seconds": round(seconds, 3)})
+            self._seq[label] += 1
+
+    def _charge_allowance(self, allowance: Allowance) -> None:
+        try:
+            allowance.charge(1)
+        except BudgetExhausted:
+            self._counts["budget_exhausted"] += 1
+            raise
+
+    def _take_request(self, funded: bool) -> None:
+        """One request is about to reach the engine: pay for it (unless an allowance already
+        paid for this call's first request), or refuse it."""
+        with self._lock:
+            if not funded and self._unreserved is not None:
+                if self._unreserved < 1:
+                    self._counts["budget_exhausted"] += 1
+                    raise BudgetExhausted(
+                        f"teacher budget spent: {self.max_calls} requests this epoch "
+                        "(teacher.max_calls_per_epoch); remaining samples keep their questions")
+                self._unreserved -= 1
+            self._counts["requests"] += 1
 
     def _call(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-              seed: int) -> tuple[Completion, float]:
+              seed: int, funded: bool = False) -> tuple[Completion, float, int]:
         attempt = 0
         while True:
+            self._take_request(funded and attempt == 0)
             start = time.monotonic()
             try:
                 completion = self.engine.complete(messages, max_tokens, temperature, seed)
@@ -305,7 +446,7 @@ class CachedTeacher:
                 self._seconds += seconds
                 self._counts["prompt_tokens"] += completion.prompt_tokens
                 self._counts["completion_tokens"] += completion.completion_tokens
-            return completion, seconds
+            return completion, seconds, attempt + 1
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         # Jitter spreads the retries of parallel threads that failed together (e.g. one 429 burst).
@@ -391,9 +532,14 @@ def make_teacher(config: TeacherConfig, cache_dir: Path, local_model_dir: Path |
         if local_model_dir is None:
             raise ValueError("teacher.engine='local' needs local_model_dir: the HF directory "
                              f"materialised from teacher.model={config.model!r}")
-        engine = LocalEngine(local_model_dir, precision, name=config.model)
+        # A batch as wide as the samples in flight: TextGrad's calls arrive in step.
+        engine = LocalEngine(local_model_dir, precision, name=config.model,
+                             max_batch=max(1, config.concurrency))
     else:
         raise ValueError(f"teacher.engine: unknown engine {config.engine!r} (local, openai, hint)")
     return CachedTeacher(engine, cache_dir, max_retries=config.max_retries,
                          max_calls=config.max_calls_per_epoch if max_calls is None else max_calls,
-                         max_tokens=config.max_tokens, temperature=config.temperature)
+                         max_tokens=config.max_tokens, temperature=config.temperature,
+                         max_tokens_by_kind={"critique": config.critique_max_tokens,
+                                             "feedback": config.feedback_max_tokens,
+                                             "rewrite": config.rewrite_max_tokens})

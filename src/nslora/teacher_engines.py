@@ -11,14 +11,16 @@ Each has one method, `complete(messages, max_tokens, temperature, seed) -> Compl
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .teacher import Completion, TeacherCallError, safe_url
+from .teacher import Completion, TeacherCallError, safe_url, token_count
 
 # Keep server error texts short in messages and logs.
 _DETAIL_CHARS = 300
@@ -44,8 +46,10 @@ def parse_chat_reply(body: str) -> Completion:
     if not content:
         raise TeacherCallError("malformed", "reply content is empty", retryable=True)
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return Completion(content, int(usage.get("prompt_tokens") or 0),
-                      int(usage.get("completion_tokens") or 0))
+    # A missing or unbelievable count (non-numeric, negative, huge) is recorded as 0: the reply
+    # itself is fine, and token accounting must not end the stage.
+    return Completion(content, token_count(usage.get("prompt_tokens")) or 0,
+                      token_count(usage.get("completion_tokens")) or 0)
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -94,6 +98,8 @@ class OpenAIEngine:
         self.timeout = timeout
         self.api_key_env = api_key_env
         self._url = safe_url(base_url)
+        # Part of the cache key: an opaque id of the server (no URL, no credentials on disk).
+        self.endpoint = hashlib.sha256(self._url.encode("utf-8")).hexdigest()[:16]
         self._key = api_key
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
                                      max_retries=0)
@@ -151,7 +157,9 @@ class OpenAIEngine:
             return TeacherCallError("rate_limited", detail, retryable=True,
                                     retry_after=retry_after_seconds(err.response.headers))
         if status >= 500 or status == 408:
-            return TeacherCallError(f"http_{status}", detail, retryable=True)
+            # 503 (overloaded, in maintenance) often says when to come back, like 429 does.
+            return TeacherCallError(f"http_{status}", detail, retryable=True,
+                                    retry_after=retry_after_seconds(err.response.headers))
         if status in (401, 403):
             fix = (f"teacher.api_key_env: the server rejected the key in ${self.api_key_env}; set "
                    "that variable to a valid key or point teacher.api_key_env at the right one")
@@ -165,14 +173,35 @@ class OpenAIEngine:
         return TeacherCallError(f"http_{status}", f"{fix} ({detail})", retryable=False)
 
 
+@dataclass
+class _Pending:
+    """One call waiting for a batch: its prompt tokens, its reply limit, and where the result goes."""
+
+    ids: list[int]
+    max_tokens: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Completion | None = None
+    error: BaseException | None = None
+
+
 class LocalEngine:
-    """A transformers causal LM in this process. One call at a time (a lock); deterministic:
-    greedy at temperature 0, otherwise sampling seeded per call by the caller."""
+    """A transformers causal LM in this process, batching the calls of concurrent threads.
+
+    Greedy calls that arrive together (TextGrad on `teacher.concurrency` samples sends them in
+    step) are generated as one left-padded batch: decoding a 1.5B model on a CPU is memory-bound,
+    so a step for 4 or 8 sequences costs little more than for one, while prefill is compute-bound
+    either way. Each sequence stops at its own stop token or `max_tokens`. Calls at temperature > 0
+    run alone, seeded per call by the caller.
+
+    Batching changes only floating-point rounding (padding is masked); the reply cache makes reruns
+    repeat exactly what the first run got.
+    """
 
     kind = "local"
 
     def __init__(self, model_dir: Path | str, precision: str = "auto", *, name: str | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, max_batch: int = 8,
+                 gather_seconds: float = 0.05):
         """
         Args:
             model_dir: an HF directory with model and tokenizer (see `nslora.models.materialize`).
@@ -180,6 +209,9 @@ class LocalEngine:
             name: the model's identity in the cache key (default: `model_dir`); give the stable
                 name (e.g. 'embedded:smollm2') so the cache outlives the directory's location.
             device: default CUDA when available, else CPU.
+            max_batch: most calls generated together.
+            gather_seconds: after the first call of a batch arrives, how long to wait for others
+                (threads that were answered together ask again within milliseconds).
         """
         from transformers import AutoModelForCausalLM
 
@@ -192,7 +224,14 @@ class LocalEngine:
         self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         speed_up_generation(self.lm, self.dtype)
         self.stop_ids = stop_token_ids(self.tokenizer)
-        self._lock = threading.Lock()
+        self.max_batch = max(1, max_batch)
+        self.gather_seconds = gather_seconds
+        self.batch_sizes: list[int] = []  # size of every batch generated (for benchmarks)
+        self._generate_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._wake = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"LocalEngine({self.model!r}, dtype={self.dtype}, device={self.device})"
@@ -212,19 +251,97 @@ class LocalEngine:
             The reply (special tokens removed, whitespace kept as a server would) and exact token
             counts (new tokens include the stop token when the model emitted one).
         """
-        enc = self.tokenizer(self.prompt(messages), return_tensors="pt",
-                             add_special_tokens=False).to(self.device)
-        options: dict = {"max_new_tokens": max_tokens, "eos_token_id": self.stop_ids,
-                         "pad_token_id": self.tokenizer.pad_token_id}
+        ids = self.tokenizer(self.prompt(messages), add_special_tokens=False)["input_ids"]
         if temperature > 0:
-            options.update(do_sample=True, temperature=temperature)
-        else:
-            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            return self._sample(ids, max_tokens, temperature, seed)
+        pending = _Pending(ids, max_tokens)
+        with self._wake:
+            if self._closed:
+                raise TeacherCallError("closed", f"{self!r} was closed", retryable=False)
+            self._queue.append(pending)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="nslora-local-teacher",
+                                                daemon=True)
+                self._worker.start()
+            self._wake.notify_all()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def close(self) -> None:
+        """Stop the batching thread (calls already queued are answered first)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                deadline = time.monotonic() + self.gather_seconds
+                while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._wake.wait(left)
+                # Similar lengths together: left padding costs prefill compute.
+                self._queue.sort(key=lambda p: len(p.ids))
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            try:
+                results = self._generate_batch(batch)
+            except BaseException as err:  # noqa: BLE001 - handed to the callers, who raise it
+                for pending in batch:
+                    pending.error = err
+                    pending.done.set()
+                continue
+            for pending, result in zip(batch, results):
+                pending.result = result
+                pending.done.set()
+
+    def _generate_batch(self, batch: list[_Pending]) -> list[Completion]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        width = max(len(p.ids) for p in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in batch])
+        mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch])
+        limits = torch.tensor([p.max_tokens for p in batch])
+
+        class EachOwnLimit(StoppingCriteria):
+            # Rows stop at their own max_tokens; generate runs until every row has stopped.
+            def __call__(self, ids, scores, **kwargs):
+                return (ids.shape[1] - width) >= limits.to(ids.device)
+
+        options = {"max_new_tokens": int(limits.max()), "eos_token_id": self.stop_ids,
+                   "pad_token_id": pad, "do_sample": False, "temperature": None, "top_p": None,
+                   "top_k": None, "stopping_criteria": StoppingCriteriaList([EachOwnLimit()])}
+        with self._generate_lock, torch.no_grad():
+            self.batch_sizes.append(len(batch))
+            output = self.lm.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=mask.to(self.device), **options)
+        return [self._completion(len(p.ids), output[i, width:width + p.max_tokens].tolist())
+                for i, p in enumerate(batch)]
+
+    def _completion(self, prompt_tokens: int, new: list[int]) -> Completion:
+        stop = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
+        if stop is not None:
+            new = new[:stop + 1]  # the stop token counts, as a server counts it
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Completion(text, prompt_tokens, len(new))
+
+    def _sample(self, ids: list[int], max_tokens: int, temperature: float, seed: int) -> Completion:
+        input_ids = torch.tensor([ids], device=self.device)
         cuda = [self.device] if self.device.type == "cuda" else []
         # fork_rng: seed this call without disturbing the caller's random state.
-        with self._lock, torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with self._generate_lock, torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
-            output = self.lm.generate(**enc, **options)
-        new = output[0, enc["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return Completion(text, int(enc["input_ids"].shape[1]), int(new.shape[0]))
+            output = self.lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      max_new_tokens=max_tokens, eos_token_id=self.stop_ids,
+                                      pad_token_id=self.tokenizer.pad_token_id, do_sample=True,
+                                      temperature=temperature)
+        return self._completion(len(ids), output[0, len(ids):].tolist())
