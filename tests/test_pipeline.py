@@ -77,7 +77,7 @@ def tiny_loop_params(model_dir, server, train_size: int, new_tokens: int, **top_
         "data": {"train_size": train_size, "test_size": 4},
         "train": {"batch_size": 4, "max_length": 512},
         "eval": {"batch_size": 4, "max_new_tokens": new_tokens},
-        "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": new_tokens},
+        "symbolic": {"ratio": 0.25, "max_iters": 1, "every": 1, "student_max_new_tokens": new_tokens},
         "teacher": {"engine": "openai", "model": "test-model", "base_url": server.base_url},
         **top_level,
     }
@@ -146,8 +146,11 @@ def test_dvc_repro_embedded_model(tmp_path):
     repo = make_repo(tmp_path, {
         "data": {"train_size": 16, "test_size": 8},
         "eval": {"max_new_tokens": 48},
-        "symbolic": {"ratio": 0.25, "student_max_new_tokens": 64},
-        "teacher": {"max_tokens": 48, "max_calls_per_epoch": 4},
+        "symbolic": {"ratio": 0.25, "max_iters": 1, "student_max_new_tokens": 64},
+        # The local engine in the pipeline, kept cheap: the 135M model as its own teacher, one
+        # sample's attempt funded (4 calls). The capable teacher has its own test.
+        "teacher": {"model": "embedded:smollm2", "max_tokens": 48, "critique_max_tokens": 48,
+                    "feedback_max_tokens": 48, "rewrite_max_tokens": 48, "max_calls_per_epoch": 4},
         "epochs": {"1": {"prev": 0, "evaluate": True}},
     })
     run(["dvc", "repro"], repo, timeout=1500)

@@ -294,11 +294,12 @@ SYSTEM_ROLE = "the student model's system prompt, used for every question it ans
 # the task's instruction sentence (too_short), states the result (answer_leaked) or recomputes a
 # quantity (numbers_changed).
 QUESTION_CONSTRAINTS = [
-    "Copy the question's instruction sentence (what to find and how to give the answer) word for word.",
-    "Keep every number of the question exactly as written, in digits, and every fact; the correct final "
-    "answer must stay the same.",
-    "Never compute anything: state no intermediate result, no final answer and no hint at its value.",
-    "You may reword for clarity and add one or two short sentences on how to approach the problem.",
+    "Keep every sentence of the original question, including its instruction sentence (what to find "
+    "and how to give the answer), word for word; you may add one or two short sentences of guidance "
+    "on how to approach the problem before or after them.",
+    "Keep every number exactly as written, in digits; the correct final answer must stay the same.",
+    "Never compute anything: your text must contain no intermediate result, no final answer and no "
+    "number that is not in the original question.",
     "Write only the new question, nothing else.",
 ]
 PROMPT_CONSTRAINTS = [
@@ -316,7 +317,8 @@ def _evaluation_instruction(sample: Sample, question: str) -> str:
         f"Correct final answer: {sample.final_answer}\n"
         "Compare the student's answer (the input) with the reference solution. In at most four "
         "sentences, say where and why the student's reasoning or final answer goes wrong, and what "
-        "in the wording of the question may have misled the student."
+        "in the wording of the question may have misled the student. Describe the mistakes in "
+        "words: do not state the correct final answer or any intermediate result."
     )
 
 

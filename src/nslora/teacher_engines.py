@@ -173,6 +173,60 @@ class OpenAIEngine:
         return TeacherCallError(f"http_{status}", f"{fix} ({detail})", retryable=False)
 
 
+class Int8DecodeLinear(torch.nn.Module):
+    """An `nn.Linear` that also keeps its weight as int8 (per output channel, symmetric) and uses it
+    for calls of at most `max_rows` rows, i.e. decoding steps.
+
+    Decoding a 1.5B model on a CPU is bound by reading the weights (~2.6 GB in bf16 per step); int8
+    halves that, and torch's fused `_weight_int8pack_mm` decodes ~1.6x faster here. Prefill (many
+    rows, compute-bound) keeps the bf16 weight, where that kernel is slower. Rounding differs from
+    bf16 by ~1% per output, well below the GGUF's own 4-bit quantisation error.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, max_rows: int = 16):
+        super().__init__()
+        self.linear = linear
+        self.max_rows = max_rows
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127)
+                             .to(torch.int8), persistent=False)
+        self.register_buffer("scale", scale.to(linear.weight.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > self.max_rows or x.dtype != self.scale.dtype:
+            return self.linear(x)
+        out = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.weight_int8, self.scale)
+        if self.linear.bias is not None:
+            out = out + self.linear.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def int8_decode_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch has the int8 weight-only matmul for `dtype` on `device` (a CPU kernel
+    torch ships for weight-only quantised decoding; absent or different in some builds)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    try:
+        torch._weight_int8pack_mm(torch.ones(1, 32, dtype=dtype), torch.ones(8, 32, dtype=torch.int8),
+                                  torch.ones(8, dtype=dtype))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def use_int8_decode(model: torch.nn.Module, max_rows: int = 16) -> int:
+    """Wrap every `nn.Linear` of `model` in `Int8DecodeLinear`; returns how many."""
+    wrapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Int8DecodeLinear(child, max_rows))
+                wrapped += 1
+    return wrapped
+
+
 @dataclass
 class _Pending:
     """One call waiting for a batch: its prompt tokens, its reply limit, and where the result goes."""
@@ -201,7 +255,7 @@ class LocalEngine:
 
     def __init__(self, model_dir: Path | str, precision: str = "auto", *, name: str | None = None,
                  device: str | torch.device | None = None, max_batch: int = 8,
-                 gather_seconds: float = 0.05):
+                 gather_seconds: float = 0.05, int8_decode: bool = True):
         """
         Args:
             model_dir: an HF directory with model and tokenizer (see `nslora.models.materialize`).
@@ -212,6 +266,8 @@ class LocalEngine:
             max_batch: most calls generated together.
             gather_seconds: after the first call of a batch arrives, how long to wait for others
                 (threads that were answered together ask again within milliseconds).
+            int8_decode: on a CPU, decode with int8 copies of the weights (`Int8DecodeLinear`)
+                where torch has the kernel; prefill stays in `precision`.
         """
         from transformers import AutoModelForCausalLM
 
@@ -223,6 +279,9 @@ class LocalEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         speed_up_generation(self.lm, self.dtype)
+        self.int8_decode = int8_decode and int8_decode_available(self.dtype, self.device)
+        if self.int8_decode:
+            use_int8_decode(self.lm, max_rows=max(16, max_batch))
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.max_batch = max(1, max_batch)
         self.gather_seconds = gather_seconds
@@ -234,7 +293,8 @@ class LocalEngine:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"LocalEngine({self.model!r}, dtype={self.dtype}, device={self.device})"
+        return (f"LocalEngine({self.model!r}, dtype={self.dtype}, device={self.device}, "
+                f"int8_decode={self.int8_decode})")
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """The text the model is conditioned on: its chat template, or plain 'role: content' lines

@@ -1,0 +1,136 @@
+"""Teacher throughput: seconds per TextGrad proposal with the embedded teacher, shipped engine vs
+the previous one, on the same quick-start questions in one run.
+
+Run as: python benchmarks/teacher_throughput.py [--teacher embedded:qwen2.5-coder-1.5b] \
+            [--questions 8] [--baseline-questions 8] [--concurrency 4]
+
+Questions: the first quick-start (params.yaml `data`) training problems that the pre-trained student
+(SmolLM2-135M-Instruct) answers wrong, with its answers. Each side runs one TextGrad iteration per
+question (critique, two textual gradients, the TGD step: 4 teacher calls) through the project's
+`TextGradRewriter` at `--concurrency`, with an empty reply cache:
+
+  shipped   LocalEngine batching the concurrent calls, decoding with int8 weight copies, replies
+            capped per kind of call (teacher.critique/feedback/rewrite_max_tokens in params.yaml)
+  baseline  the engine before: one call at a time (max_batch=1), bf16 decode, every reply capped
+            at 512 tokens (teacher.max_tokens' old default)
+
+Both load the same bf16 teacher on this machine's CPU. Printed per side: wall seconds, seconds per
+proposal (wall / questions), teacher tokens, proposals with tags and passing the rewrite checks
+(and why the others did not).
+The last line is one JSON object with both and `"speedup"` (baseline s/proposal over shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wrong_questions(params, n: int, base_dir: Path) -> list[tuple]:
+    """The first `n` training samples the pre-trained student gets wrong, with its answers."""
+    from nslora.data import prepare_examples
+    from nslora.student import Student
+    from nslora.symbolic import _is_right, _sample
+
+    train, _ = prepare_examples(params.data)
+    student = Student(base_dir, None, params.model.precision, params.model.attention, batch_size=32)
+    rows = list(train.head(8 * n).itertuples())
+    outputs = student.answer(params.data.system_prompt, [r.question for r in rows],
+                             params.symbolic.student_max_new_tokens)
+    wrong = [(_sample(r, params.data.system_prompt), out) for r, out in zip(rows, outputs)
+             if not _is_right(out, r.final_answer)]
+    return wrong[:n], student
+
+
+def run_side(name: str, engine, caps: dict | None, samples: list[tuple], student, params,
+             concurrency: int, cache: Path) -> dict:
+    from nslora.symbolic import TextGradRewriter, _check_proposal
+    from nslora.teacher import CachedTeacher
+
+    teacher = CachedTeacher(engine, cache, max_tokens=512, max_tokens_by_kind=caps)
+    rewriter = TextGradRewriter(teacher, student, params.symbolic)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        proposals = list(pool.map(lambda s: rewriter.propose(s[0], s[0].question, s[1], 1), samples))
+    wall = time.perf_counter() - start
+    checks = [p.failure or _check_proposal(s[0], s[0].question, p.question, params.symbolic, None)
+              for s, p in zip(samples, proposals)]
+    stats = teacher.stats()
+    result = {"engine": name, "questions": len(samples), "wall_s": round(wall, 1),
+              "s_per_proposal": round(wall / len(samples), 1),
+              "tagged": sum(p.question is not None for p in proposals),
+              "passing_checks": checks.count(None),
+              "rejected_by_reason": dict(sorted(Counter(c for c in checks if c).items())),
+              "failures": stats["failures"],
+              "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
+              "by_kind": stats["by_kind"],
+              "batch_sizes": sorted(set(getattr(engine, "batch_sizes", [])))}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="embedded:qwen2.5-coder-1.5b")
+    parser.add_argument("--teacher-dir", type=Path, help="Materialised teacher (default: cached).")
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--baseline-questions", type=int, default=None,
+                        help="Questions for the baseline (default: all; fewer saves its ~3 min each).")
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from nslora.models import cache_dir, materialize
+    from nslora.teacher_engines import LocalEngine
+    from nslora_cli.params_file import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    params = dataclasses.replace(params, symbolic=dataclasses.replace(params.symbolic, max_iters=1))
+    models = cache_dir() / "materialized"
+    base = models / params.model.name.replace(":", "_")
+    if not (base / "config.json").exists():
+        materialize(params.model.name, base)
+    teacher_dir = args.teacher_dir or models / (args.teacher.replace(":", "_") + "-bf16")
+    if not (teacher_dir / "config.json").exists():
+        materialize(args.teacher, teacher_dir, dtype=torch.bfloat16)
+
+    samples, student = wrong_questions(params, args.questions, base)
+    print(f"{len(samples)} questions the pre-trained student gets wrong", flush=True)
+    t = params.teacher
+    caps = {"critique": t.critique_max_tokens, "feedback": t.feedback_max_tokens,
+            "rewrite": t.rewrite_max_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        shipped_engine = LocalEngine(teacher_dir, params.model.precision, name=args.teacher,
+                                     max_batch=args.concurrency)
+        shipped = run_side("shipped: batched LocalEngine, per-kind caps", shipped_engine, caps,
+                           samples, student, params, args.concurrency, Path(tmp) / "shipped")
+        shipped_engine.close()
+        del shipped_engine
+        baseline_engine = LocalEngine(teacher_dir, params.model.precision, name=args.teacher, max_batch=1,
+                                      int8_decode=False)
+        baseline = run_side("baseline: one call at a time, 512 tokens", baseline_engine, None,
+                            samples[:args.baseline_questions], student, params, args.concurrency,
+                            Path(tmp) / "baseline")
+        baseline_engine.close()
+    print(json.dumps({
+        "teacher": args.teacher, "concurrency": args.concurrency,
+        "shipped_s_per_proposal": shipped["s_per_proposal"],
+        "baseline_s_per_proposal": baseline["s_per_proposal"],
+        "shipped_questions": shipped["questions"], "baseline_questions": baseline["questions"],
+        "shipped_passing": shipped["passing_checks"], "baseline_passing": baseline["passing_checks"],
+        "speedup": round(baseline["s_per_proposal"] / shipped["s_per_proposal"], 2)}))
+
+
+if __name__ == "__main__":
+    main()
