@@ -90,6 +90,7 @@ def student(tiny_model_dir):
     ("How many legs do 3 chickens and 2 dogs have? " * 5, "too_long"),
     ("How many legs do three chickens and 2 dogs have in total?", "numbers_changed"),
     ("How many legs do 3 chickens and 2 dogs have? (It is 14.)", "answer_leaked"),
+    ("How many legs do 3 chickens and 2 dogs have? 3 + 2 = 5. #### 5", "states_an_answer"),
     ("Count the legs: 3 chickens (2 legs each) and 2 dogs (4 legs each).", None),
 ])
 def test_check_rewrite_reasons(rewritten, reason):

@@ -66,6 +66,7 @@ FEEDBACK_SEPARATOR = "\n---\n"
 
 
 NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
+ANSWER_LINE = re.compile(r"####\s*\S")
 
 
 def _number_key(text: str) -> str:
@@ -110,7 +111,8 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
 
     Returns:
         None when acceptable, else the first failed check: 'empty', 'unchanged', 'too_short',
-        'too_long', 'numbers_changed', 'answer_leaked' or 'off_topic'.
+        'too_long', 'numbers_changed', 'answer_leaked', 'states_an_answer' (a '#### ' answer line:
+        the teacher solved the problem, rightly or wrongly, inside the question) or 'off_topic'.
     """
     if not rewritten or not rewritten.strip():
         return "empty"
@@ -125,6 +127,8 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
         return "numbers_changed"
     if _mentions_answer(rewritten, final_answer) and not _mentions_answer(original, final_answer):
         return "answer_leaked"
+    if ANSWER_LINE.search(rewritten) and not ANSWER_LINE.search(original):
+        return "states_an_answer"
     if similarity is not None and cfg.similarity_threshold is not None:
         if similarity(original, rewritten) < cfg.similarity_threshold:
             return "off_topic"
