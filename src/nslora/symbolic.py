@@ -719,6 +719,8 @@ def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewri
         (the (row, proposal counts) of every attempted sample, sorted by id; the number of samples
         left unfunded).
     """
+    if not samples:  # nothing to rewrite (the rewriter may be None then)
+        return [], 0
     per_sample = rewriter.calls_per_iteration * cfg.max_iters
     todo = list(samples)
     results: list[tuple[dict, Counter]] = []
