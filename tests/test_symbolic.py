@@ -91,11 +91,19 @@ def student(tiny_model_dir):
     ("How many legs do three chickens and 2 dogs have in total?", "numbers_changed"),
     ("How many legs do 3 chickens and 2 dogs have? (It is 14.)", "answer_leaked"),
     ("How many legs do 3 chickens and 2 dogs have? 3 + 2 = 5. #### 5", "states_an_answer"),
-    ("Count the legs: 3 chickens (2 legs each) and 2 dogs (4 legs each).", None),
+    ("How many legs do 3 chickens, 2 dogs and 1 cat have?", "numbers_added"),  # another problem
+    ("Count the legs: 3 chickens (2 legs each) and 2 dogs (4 legs each).", "numbers_added"),
+    ("Count the legs of 3 chickens and 2 dogs: add up the legs of every animal.", None),
 ])
 def test_check_rewrite_reasons(rewritten, reason):
     original = "How many legs do 3 chickens and 2 dogs have?"
     assert check_rewrite(original, rewritten, "14", CFG) == reason
+
+
+def test_gold_derived_hints_may_add_numbers():
+    original = "How many legs do 3 chickens and 2 dogs have?"
+    hinted = "Count the legs: 3 chickens (2 legs each) and 2 dogs (4 legs each)."
+    assert check_rewrite(original, hinted, "14", CFG, may_add_numbers=True) is None
 
 
 def test_check_rewrite_numbers_normalised_and_answer_in_original_allowed():
@@ -137,7 +145,7 @@ def test_hints_from_calculator_steps_never_state_the_answer():
     hints = HintRewriter()
     first = hints.propose(GSM, GSM.question, "", 1)
     assert first.question == GSM.question + "\n\nHint: First compute 48/2 = 24."
-    assert check_rewrite(GSM.question, first.question, GSM.final_answer, CFG) is None
+    assert check_rewrite(GSM.question, first.question, GSM.final_answer, CFG, may_add_numbers=True) is None
     # The only other step states 72: nothing more to reveal.
     assert hints.propose(GSM, first.question, "", 2) == Proposal(None, "no_more_hints")
 
@@ -150,7 +158,7 @@ def test_hints_from_worked_lines_reveal_one_more_step_per_iteration():
     assert "Each dog has 4 legs" not in first and "Each dog has 4 legs" in second
     for question in (first, second):
         assert "18" not in question and "####" not in question
-        assert check_rewrite(LEGS_SAMPLE.question, question, "18", CFG) is None
+        assert check_rewrite(LEGS_SAMPLE.question, question, "18", CFG, may_add_numbers=True) is None
     assert hints.propose(LEGS_SAMPLE, second, "", 3).failure == "no_more_hints"
     no_steps = dataclasses.replace(LEGS_SAMPLE, solution="#### 18")
     assert hints.propose(no_steps, no_steps.question, "", 1).failure == "no_hints"
@@ -198,7 +206,8 @@ def selection(train: pd.DataFrame, wrong: list[int]) -> pd.DataFrame:
 
 def test_rewrite_epoch_textgrad_tables_and_provenance(student):
     train = make_examples(6)
-    train.loc[1, "original_question"] = "The very first wording."  # rewritten in an earlier epoch
+    # Rewritten in an earlier epoch (same numbers: the checks compare with this source text).
+    train.loc[1, "original_question"] = "What is the number of legs of 2 chickens and 4 dogs?"
     before = train.copy(deep=True)
     teacher = ScriptedTeacher(improve=lambda v: (
         f"<IMPROVED_VARIABLE>{v} Add the legs.</IMPROVED_VARIABLE>" if "4 chickens" not in v
@@ -222,7 +231,7 @@ def test_rewrite_epoch_textgrad_tables_and_provenance(student):
     new = result.train.set_index("id")
     assert new.loc["ex-train-0000", "question"] == row.question_after
     assert new.loc["ex-train-0000", "original_question"] == train.question[0]
-    assert new.loc["ex-train-0001", "original_question"] == "The very first wording."
+    assert new.loc["ex-train-0001", "original_question"] == "What is the number of legs of 2 chickens and 4 dogs?"
     assert new.loc["ex-train-0000", ["rewrite_epoch", "rewrite_iterations", "rewrite_engine",
                                      "rewrite_reason"]].tolist() == [2, 2, "scripted", "max_iters"]
     untouched = ~result.train["id"].isin(["ex-train-0000", "ex-train-0001"])

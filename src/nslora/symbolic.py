@@ -98,7 +98,7 @@ def _squash(text: str) -> str:
 
 
 def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: SymbolicConfig,
-                  similarity: Similarity | None = None) -> str | None:
+                  similarity: Similarity | None = None, may_add_numbers: bool = False) -> str | None:
     """Whether a rewritten question may replace the original.
 
     Args:
@@ -108,11 +108,15 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
         cfg: length ratio bounds and the similarity threshold.
         similarity: `f(original, rewritten) -> cosine`; the 'off_topic' check runs only when this and
             `cfg.similarity_threshold` are both given.
+        may_add_numbers: whether the rewrite may hold numbers the original lacks. False for a
+            teacher: a new number is a new quantity ("3 cats, 3 spiders, and 2 dogs") or a computed
+            result, and either makes the unchanged gold answer wrong. True for gold-derived hints.
 
     Returns:
         None when acceptable, else the first failed check: 'empty', 'unchanged', 'too_short',
         'too_long', 'numbers_changed', 'answer_leaked', 'states_an_answer' (a '#### ' answer line:
-        the teacher solved the problem, rightly or wrongly, inside the question) or 'off_topic'.
+        the teacher solved the problem, rightly or wrongly, inside the question), 'numbers_added'
+        or 'off_topic'.
     """
     if not rewritten or not rewritten.strip():
         return "empty"
@@ -129,6 +133,8 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
         return "answer_leaked"
     if ANSWER_LINE.search(rewritten) and not ANSWER_LINE.search(original):
         return "states_an_answer"
+    if not may_add_numbers and not numbers(rewritten) <= numbers(original):
+        return "numbers_added"
     if similarity is not None and cfg.similarity_threshold is not None:
         if similarity(original, rewritten) < cfg.similarity_threshold:
             return "off_topic"
@@ -201,6 +207,8 @@ class Rewriter(Protocol):
     # Teacher calls one `propose` makes (0 without a teacher); a sample's budget reservation is this
     # times `max_iters`.
     calls_per_iteration: int
+    # Whether proposals may hold numbers the original lacks (see `check_rewrite`).
+    may_add_numbers: bool
 
     def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
         """A rewrite of `question` (the current version), which the student answered `student_output`.
@@ -265,6 +273,7 @@ class HintRewriter:
     """
 
     calls_per_iteration = 0
+    may_add_numbers = True  # its hints are steps of the gold solution
 
     def hinted(self, sample: Sample, k: int) -> str:
         """The original question followed by the first `k` revealable steps as a hint."""
@@ -448,6 +457,7 @@ class TextGradRewriter:
 
     # The loss, its backward to the answer, the answer's backward to the question, the TGD step.
     calls_per_iteration = 4
+    may_add_numbers = False
 
     def __init__(self, teacher: Teacher, student: Student, cfg: SymbolicConfig):
         self.teacher = teacher
@@ -493,6 +503,7 @@ class CritiqueOnly:
     teacher's critique, and the critiques drive the end-of-epoch system-prompt update."""
 
     calls_per_iteration = 1
+    may_add_numbers = False
 
     def __init__(self, rewriter: TextGradRewriter):
         self.rewriter = rewriter
@@ -643,7 +654,8 @@ def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: St
         if proposal.question is not None:
             proposed = proposal.question
             counts["tagged"] += 1
-        failure = proposal.failure or _check_proposal(sample, question, proposal.question, cfg, similarity)
+        failure = proposal.failure or _check_proposal(sample, question, proposal.question, cfg, similarity,
+                                                      rewriter.may_add_numbers)
         if failure:
             # A teacher at temperature 0 would propose the same again; stop rather than retry.
             reason = failure
@@ -665,12 +677,13 @@ def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: St
 
 
 def _check_proposal(sample: Sample, current: str, proposal: str | None, cfg: SymbolicConfig,
-                    similarity: Similarity | None) -> str | None:
+                    similarity: Similarity | None, may_add_numbers: bool = False) -> str | None:
     # Checked against the source text, so rewrites of rewrites cannot drift or grow without bound;
     # 'unchanged' also against the current version, so re-proposing it is not counted as progress.
     if proposal is not None and proposal.strip() and _squash(proposal) == _squash(current):
         return "unchanged"
-    return check_rewrite(sample.original_question, proposal or "", sample.final_answer, cfg, similarity)
+    return check_rewrite(sample.original_question, proposal or "", sample.final_answer, cfg, similarity,
+                         may_add_numbers)
 
 
 def _candidates(train: pd.DataFrame, selected: pd.DataFrame) -> tuple[list[Sample], dict[str, str]]:
