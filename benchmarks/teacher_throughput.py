@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -90,7 +89,6 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "src"))
     from nslora.models import cache_dir, materialize
     from nslora.teacher_engines import LocalEngine
     from nslora_cli.params_file import load_params

@@ -282,7 +282,8 @@ def test_stage_uses_the_last_declared_epoch_and_ignores_stale_files(tmp_path):
     metrics = json.loads((tmp_path / "metrics" / "remade.json").read_text())
     assert metrics == {"rows": 8, "rewritten": 4, "fraction": 0.5, "attempted": 6, "rejected": 2}
     card = (tmp_path / "data" / "remade" / "README.md").read_text()
-    assert front_matter(card)[0]["license"] == "apache-2.0" and "`local:embedded:smollm2`" in card
+    teacher = yaml.safe_load((ROOT / "params.yaml").read_text())["teacher"]["model"]
+    assert front_matter(card)[0]["license"] == "apache-2.0" and f"`local:{teacher}`" in card
 
 
 def test_stage_missing_log_is_a_one_line_user_error(tmp_path):
