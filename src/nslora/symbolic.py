@@ -25,6 +25,7 @@ questions, and the outcome is the same at any concurrency and after a kill and r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -739,9 +740,7 @@ def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewri
     results: list[tuple[dict, Counter]] = []
 
     def attempt(sample: Sample, allowance: Any) -> tuple[dict, Counter] | None:
-        if allowance is None:
-            return _rewrite_sample(sample, outputs[sample.id], rewriter, student, cfg, similarity, stop)
-        with budget.drawing_from(allowance):
+        with contextlib.nullcontext() if allowance is None else budget.drawing_from(allowance):
             return _rewrite_sample(sample, outputs[sample.id], rewriter, student, cfg, similarity, stop)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \

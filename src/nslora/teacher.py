@@ -134,13 +134,14 @@ class Allowance:
         self.left = requests  # None = unlimited
         self.label = label
 
-    def charge(self, requests: int) -> None:
+    def charge(self) -> None:
+        """One call of this work: take it from what is left, or refuse it."""
         if self.left is not None:
-            if requests > self.left:
+            if self.left < 1:
                 raise BudgetExhausted(
                     f"teacher budget spent: the calls reserved for {self.label or 'this work'} are "
                     "used up (teacher.max_calls_per_epoch); its question is kept")
-            self.left -= requests
+            self.left -= 1
 
 
 class ReplyCache:
@@ -169,13 +170,12 @@ class ReplyCache:
         return Completion(entry["text"], token_count(entry.get("prompt_tokens")) or 0,
                           token_count(entry.get("completion_tokens")) or 0)
 
-    def put(self, key: str, request: dict, completion: Completion, seconds: float,
-            requests: int = 1) -> None:
+    def put(self, key: str, request: dict, completion: Completion, seconds: float) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "request": request, "text": completion.text,
                  "prompt_tokens": completion.prompt_tokens,
-                 "completion_tokens": completion.completion_tokens, "requests": requests,
+                 "completion_tokens": completion.completion_tokens,
                  "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         # tmp + os.replace: a run killed mid-write leaves a stray .tmp file, never a torn entry.
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=".",
@@ -286,7 +286,7 @@ class CachedTeacher:
             completion, seconds, requests = self._call(messages, max_tokens, temperature,
                                                        seed=int(key[:8], 16),
                                                        funded=allowance is not None)
-            self.cache.put(key, request, completion, seconds, requests)
+            self.cache.put(key, request, completion, seconds)
             self._record(kind, completion, requests, seconds, cached=False)
             return completion.text
 
@@ -397,7 +397,7 @@ class CachedTeacher:
 
     def _charge_allowance(self, allowance: Allowance) -> None:
         try:
-            allowance.charge(1)
+            allowance.charge()
         except BudgetExhausted:
             self._counts["budget_exhausted"] += 1
             raise

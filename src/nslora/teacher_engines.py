@@ -216,15 +216,12 @@ def int8_decode_available(dtype: torch.dtype, device: torch.device) -> bool:
     return True
 
 
-def use_int8_decode(model: torch.nn.Module, max_rows: int = 16) -> int:
-    """Wrap every `nn.Linear` of `model` in `Int8DecodeLinear`; returns how many."""
-    wrapped = 0
+def use_int8_decode(model: torch.nn.Module, max_rows: int = 16) -> None:
+    """Wrap every `nn.Linear` of `model` in `Int8DecodeLinear`."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(parent, name, Int8DecodeLinear(child, max_rows))
-                wrapped += 1
-    return wrapped
 
 
 @dataclass
