@@ -9,10 +9,11 @@ Questions: the first quick-start (params.yaml `data`) training problems that the
 question (critique, two textual gradients, the TGD step: 4 teacher calls) through the project's
 `TextGradRewriter` at `--concurrency`, with an empty reply cache:
 
-  shipped   LocalEngine batching the concurrent calls, decoding with int8 weight copies, replies
+  shipped   LocalEngine batching the concurrent calls, reusing the KV cache of prompt prefixes
+            already seen (TextGrad's system prompts), decoding with int8 weight copies, replies
             capped per kind of call (teacher.critique/feedback/rewrite_max_tokens in params.yaml)
-  baseline  the engine before: one call at a time (max_batch=1), bf16 decode, every reply capped
-            at 512 tokens (teacher.max_tokens' old default)
+  baseline  the engine before: one call at a time (max_batch=1), bf16 decode, every prompt
+            prefilled in full, every reply capped at 512 tokens (teacher.max_tokens' old default)
 
 Both load the same bf16 teacher on this machine's CPU. Printed per side: wall seconds, seconds per
 proposal (wall / questions), teacher tokens, proposals with tags and passing the rewrite checks
@@ -72,7 +73,7 @@ def run_side(name: str, engine, caps: dict | None, samples: list[tuple], student
               "failures": stats["failures"],
               "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
               "by_kind": stats["by_kind"],
-              "batch_sizes": sorted(set(getattr(engine, "batch_sizes", [])))}
+              "batch_sizes": sorted(set(engine.batch_sizes)), "prefill_tokens": engine.prefill_tokens}
     print(json.dumps(result), flush=True)
     return result
 
@@ -116,7 +117,7 @@ def main() -> None:
         shipped_engine.close()
         del shipped_engine
         baseline_engine = LocalEngine(teacher_dir, params.model.precision, name=args.teacher, max_batch=1,
-                                      int8_decode=False)
+                                      int8_decode=False, prefix_cache_tokens=0)
         baseline = run_side("baseline: one call at a time, 512 tokens", baseline_engine, None,
                             samples[:args.baseline_questions], student, params, args.concurrency,
                             Path(tmp) / "baseline")

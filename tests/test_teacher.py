@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -311,6 +312,42 @@ def test_local_engine_is_deterministic_and_counts_tokens(tiny_model_dir, tmp_pat
     fresh = CachedTeacher(engine, tmp_path / "t", max_tokens=12)
     others = {fresh.generate(ask(f"Count {i}"), temperature=1.0) for i in range(4)}
     assert len(others) > 1  # different requests, different seeds
+
+
+def test_batched_and_prefix_cached_replies_equal_one_at_a_time(tiny_model_dir):
+    # Prompts sharing a long system prompt, as TextGrad's calls of one kind do.
+    system = "You are a careful teacher who explains arithmetic. " * 6
+    requests = [[{"role": "system", "content": system},
+                 {"role": "user", "content": f"What is {i} + {3 * i}?" + " Explain." * i}] for i in range(4)]
+    # int8_decode off: its rounding would hide what this test compares.
+    alone = LocalEngine(tiny_model_dir, "fp32", max_batch=1, prefix_cache_tokens=0, int8_decode=False)
+    expected = [alone.complete(r, 10, 0.0) for r in requests]
+    # max_batch calls arrive within gather_seconds: one batch of 4, whatever the thread timing.
+    batched = LocalEngine(tiny_model_dir, "fp32", max_batch=4, gather_seconds=30, int8_decode=False)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda r: batched.complete(r, 10, 0.0), requests))
+    batched.close()
+    assert batched.batch_sizes == [4]
+    assert [(c.text, c.prompt_tokens, c.completion_tokens) for c in got] == \
+        [(c.text, c.prompt_tokens, c.completion_tokens) for c in expected]
+    # Every prompt after the first reused the shared system prompt's cache.
+    ids = [batched.tokenizer(batched.prompt(r), add_special_tokens=False)["input_ids"] for r in requests]
+    shared = min(next(n for n, (a, b) in enumerate(zip(ids[0], other)) if a != b) for other in ids[1:])
+    assert shared > 40 and batched.prefill_tokens["cached"] >= 3 * shared
+    assert batched.prefill_tokens["cached"] + batched.prefill_tokens["computed"] == \
+        sum(c.prompt_tokens - 1 for c in got)
+
+    # The tiny model's greedy replies barely depend on the prompt, so also compare next-token
+    # logits: from the reused, left-padded caches they equal a plain forward of each prompt.
+    width = max(map(len, ids))
+    cache = batched._padded_cache([batched._prefill(i[:-1]) for i in ids], width - 1)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.no_grad():
+        step = batched.lm(input_ids=torch.tensor([[i[-1]] for i in ids]), attention_mask=mask,
+                          position_ids=torch.tensor([[len(i) - 1] for i in ids]),
+                          **{batched._cache_argument: cache}).logits[:, -1]
+        plain = torch.stack([batched.lm(input_ids=torch.tensor([i])).logits[0, -1] for i in ids])
+    torch.testing.assert_close(step, plain, atol=1e-5, rtol=1e-4)
 
 
 def test_urls_and_retry_after_parsing():

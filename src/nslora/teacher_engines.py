@@ -10,11 +10,13 @@ Each has one method, `complete(messages, max_tokens, temperature, seed) -> Compl
 
 from __future__ import annotations
 
+import inspect
 import email.utils
 import hashlib
 import json
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +226,14 @@ def use_int8_decode(model: torch.nn.Module, max_rows: int = 16) -> None:
                 setattr(parent, name, Int8DecodeLinear(child, max_rows))
 
 
+def _common_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 @dataclass
 class _Pending:
     """One call waiting for a batch: its prompt tokens, its reply limit, and where the result goes."""
@@ -241,8 +251,10 @@ class LocalEngine:
     Greedy calls that arrive together (TextGrad on `teacher.concurrency` samples sends them in
     step) are generated as one left-padded batch: decoding a 1.5B model on a CPU is memory-bound,
     so a step for 4 or 8 sequences costs little more than for one, while prefill is compute-bound
-    either way. Each sequence stops at its own stop token or `max_tokens`. Calls at temperature > 0
-    run alone, seeded per call by the caller.
+    either way. Each prompt is prefilled alone (padding would cost compute), starting from the KV
+    cache of the longest prefix it shares with a recent prompt: TextGrad's calls of one kind share
+    a long system prompt. Each sequence stops at its own stop token or `max_tokens`. Calls at
+    temperature > 0 run alone, seeded per call by the caller.
 
     Batching changes only floating-point rounding (padding is masked); the reply cache makes reruns
     repeat exactly what the first run got.
@@ -252,7 +264,8 @@ class LocalEngine:
 
     def __init__(self, model_dir: Path | str, precision: str = "auto", *, name: str | None = None,
                  device: str | torch.device | None = None, max_batch: int = 8,
-                 gather_seconds: float = 0.05, int8_decode: bool = True):
+                 gather_seconds: float = 0.05, int8_decode: bool = True,
+                 prefix_cache_tokens: int = 32768):
         """
         Args:
             model_dir: an HF directory with model and tokenizer (see `nslora.models.materialize`).
@@ -265,6 +278,9 @@ class LocalEngine:
                 (threads that were answered together ask again within milliseconds).
             int8_decode: on a CPU, decode with int8 copies of the weights (`Int8DecodeLinear`)
                 where torch has the kernel; prefill stays in `precision`.
+            prefix_cache_tokens: most prompt tokens whose KV cache is kept for reuse by later
+                prompts that start the same way (~28 KB per token for the 1.5B teacher in bf16);
+                0 prefills every prompt in full, as one padded batch.
         """
         from transformers import AutoModelForCausalLM
 
@@ -283,6 +299,15 @@ class LocalEngine:
         self.max_batch = max(1, max_batch)
         self.gather_seconds = gather_seconds
         self.batch_sizes: list[int] = []  # size of every batch generated (for benchmarks)
+        # Cached prompt prefixes need full-attention layers (a sliding window's cache is not a prefix).
+        layer_types = getattr(self.lm.config.get_text_config(decoder=True), "layer_types", None) or []
+        full_attention = all(kind == "full_attention" for kind in layer_types)
+        self.prefix_tokens = max(0, prefix_cache_tokens) if full_attention else 0
+        self._prefixes: OrderedDict[tuple[int, ...], object] = OrderedDict()
+        self.prefill_tokens = {"cached": 0, "computed": 0}  # prompt tokens (for benchmarks)
+        # transformers 5 renamed forward's `past_key_values` to `cache`.
+        forward_arguments = inspect.signature(self.lm.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
         self._generate_lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._wake = threading.Condition()
@@ -379,10 +404,62 @@ class LocalEngine:
                    "top_k": None, "stopping_criteria": StoppingCriteriaList([EachOwnLimit()])}
         with self._generate_lock, torch.no_grad():
             self.batch_sizes.append(len(batch))
+            if self.prefix_tokens and width > 1:
+                # Prefill each prompt alone (no compute spent on padding), starting from the
+                # longest cached prefix, then decode the batch from the left-padded caches.
+                options[self._cache_argument] = self._padded_cache([self._prefill(p.ids[:-1]) for p in batch],
+                                                                width - 1)
             output = self.lm.generate(input_ids=input_ids.to(self.device),
                                       attention_mask=mask.to(self.device), **options)
         return [self._completion(len(p.ids), output[i, width:width + p.max_tokens].tolist())
                 for i, p in enumerate(batch)]
+
+    def _prefill(self, ids: list[int]):
+        """The KV cache of `ids`, computed from the cached prefix that shares most tokens with it.
+
+        TextGrad sends every call of a kind with the same long system prompt (and the same
+        instructions around each sample), so after the first sample most of a prompt is cached.
+        RoPE positions start at 0 for every prompt, so a shared prefix's keys are the same.
+        """
+        from transformers import DynamicCache
+
+        key = tuple(ids)
+        shared, source = 0, None
+        for stored_ids, stored in self._prefixes.items():
+            n = _common_prefix_length(stored_ids, key)
+            if n > shared:
+                shared, source = n, stored_ids
+        if source is None:
+            cache = DynamicCache(config=self.lm.config)
+        else:
+            self._prefixes.move_to_end(source)
+            # Views of the stored tensors: extending the cache concatenates into new ones.
+            cache = DynamicCache([(layer.keys[:, :, :shared], layer.values[:, :, :shared])
+                                  for layer in self._prefixes[source].layers], config=self.lm.config)
+        if shared < len(key):
+            self.lm(input_ids=torch.tensor([key[shared:]], device=self.device), use_cache=True,
+                    logits_to_keep=1, **{self._cache_argument: cache})
+        self.prefill_tokens["cached"] += shared
+        self.prefill_tokens["computed"] += len(key) - shared
+        self._prefixes[key] = cache
+        while sum(map(len, self._prefixes)) > self.prefix_tokens and len(self._prefixes) > 1:
+            self._prefixes.popitem(last=False)
+        return cache
+
+    def _padded_cache(self, caches: list, length: int):
+        """One batch cache from single-sequence caches, each left-padded to `length` positions
+        (the padded positions are masked out by the attention mask)."""
+        from transformers import DynamicCache
+
+        layers = []
+        for layer in range(len(caches[0].layers)):
+            keys, values = [], []
+            for cache in caches:
+                k, v = cache.layers[layer].keys, cache.layers[layer].values
+                keys.append(torch.nn.functional.pad(k, (0, 0, length - k.shape[2], 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, length - v.shape[2], 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(layers, config=self.lm.config)
 
     def _completion(self, prompt_tokens: int, new: list[int]) -> Completion:
         stop = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
