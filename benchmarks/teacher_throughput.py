@@ -90,19 +90,14 @@ def main() -> None:
 
     import torch
 
-    from nslora.models import cache_dir, materialize
+    from nslora.models import materialized
     from nslora.teacher_engines import LocalEngine
     from nslora_cli.params_file import load_params
 
     params = load_params(ROOT / "params.yaml")
     params = dataclasses.replace(params, symbolic=dataclasses.replace(params.symbolic, max_iters=1))
-    models = cache_dir() / "materialized"
-    base = models / params.model.name.replace(":", "_")
-    if not (base / "config.json").exists():
-        materialize(params.model.name, base)
-    teacher_dir = args.teacher_dir or models / (args.teacher.replace(":", "_") + "-bf16")
-    if not (teacher_dir / "config.json").exists():
-        materialize(args.teacher, teacher_dir, dtype=torch.bfloat16)
+    base = materialized(params.model.name)
+    teacher_dir = args.teacher_dir or materialized(args.teacher, dtype=torch.bfloat16)
 
     samples, student = wrong_questions(params, args.questions, base)
     print(f"{len(samples)} questions the pre-trained student gets wrong", flush=True)

@@ -41,7 +41,7 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
                                  "teacher.engine to local or openai")
             student = Student(base_dir, None, params.model.precision, params.model.attention,
                               batch_size=params.eval.batch_size)
-            local_dir = teacher_model_dir(params, base_dir, cache_dir) if params.teacher.engine == "local" else None
+            local_dir = teacher_model_dir(params, base_dir) if params.teacher.engine == "local" else None
             teacher = make_teacher(params.teacher, cache_dir, local_model_dir=local_dir,
                                    precision=params.model.precision)
             samples = math.ceil(params.symbolic.ratio * len(train))

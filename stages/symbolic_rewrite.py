@@ -56,7 +56,7 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
             if engine == "hint":
                 rewriter = HintRewriter()
             else:
-                local_dir = teacher_model_dir(params, base_dir, cache_dir) if engine == "local" else None
+                local_dir = teacher_model_dir(params, base_dir) if engine == "local" else None
                 teacher = make_teacher(params.teacher, cache_dir, local_model_dir=local_dir,
                                        precision=params.model.precision)
                 rewriter = TextGradRewriter(teacher, student, cfg)

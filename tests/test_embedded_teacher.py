@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_examples
 from nslora.config import SymbolicConfig
-from nslora.models import cache_dir, materialize
+from nslora.models import materialized
 from nslora.student import Student
 from nslora.symbolic import Sample, TextGradRewriter, _check_proposal
 from nslora.teacher import CachedTeacher
@@ -28,10 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def teacher_dir():
-    target = cache_dir() / "materialized" / "embedded_qwen2.5-coder-1.5b-bf16"
-    if not (target / "config.json").exists():
-        materialize(TEACHER, target, dtype=torch.bfloat16)
-    return target
+    return materialized(TEACHER, dtype=torch.bfloat16)
 
 
 def test_one_textgrad_proposal_with_the_embedded_teacher(teacher_dir, tiny_model_dir, tmp_path):

@@ -177,13 +177,13 @@ def test_comparison_queue_and_report(tiny_model_dir, tmp_path):
     for name, content in first.items():
         assert (repo / "results" / name).read_bytes() == content, f"{name} is not reproducible"
     differences = pd.read_csv(repo / "results" / "differences.csv")
-    assert set(differences["engine"]) == {"openai", "hint"} and (differences["paired_seeds"] == 1).all()
+    assert set(differences["engine"]) == {"openai:test-model", "hint"} and (differences["paired_seeds"] == 1).all()
     assert (differences["ci_low"] <= differences["delta"]).all() and (differences["delta"] <= differences["ci_high"]).all()
     runs = pd.read_csv(repo / "results" / "runs.csv")
     assert sorted(runs["method"].unique()) == ["lora", "lora_sysprompt", "nslora", "prefix", "two_stage"]
     assert len(runs) == 6 and runs["accuracy"].notna().all() and runs["epoch_1"].notna().all()
     report = (repo / "results" / "report.md").read_text()
-    for row in ("NS-LoRA | grad_norm | openai", "NS-LoRA | grad_norm | hint", "Prefix-tuning", "Two-stage",
+    for row in ("NS-LoRA | grad_norm | openai:test-model", "NS-LoRA | grad_norm | hint", "Prefix-tuning", "Two-stage",
                 "LoRA + system prompt"):
         assert row in report
     assert (repo / "results" / "accuracy_per_epoch.png").stat().st_size > 1000

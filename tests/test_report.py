@@ -25,14 +25,16 @@ def test_paired_bootstrap_bounds_and_determinism():
         paired_bootstrap(ours, theirs[:, :10])
 
 
-def _exp(name, method, seed, accuracy, criteria="loss_ratio", engine="local", sysprompt=False):
+def _exp(name, method, seed, accuracy, criteria="loss_ratio", engine="local", sysprompt=False,
+         teacher="embedded:qwen2.5-coder-1.5b"):
     params = {"method": method, "criteria": criteria, "train": {"seed": seed},
-              "teacher": {"engine": engine}, "symbolic": {"update_system_prompt": sysprompt}}
+              "teacher": {"engine": engine, "model": teacher}, "symbolic": {"update_system_prompt": sysprompt}}
     metrics = {"metrics/eval.json": {"data": {"pretrained_accuracy": 0.1, "final_accuracy": accuracy,
                                               "final_epoch": 2, "n": 4}},
                "metrics/eval/epoch_2.json": {"data": {"accuracy": accuracy, "evaluated": True}},
                "metrics/symbolic/epoch_1.json": {"data": {"selected": 3, "accepted": 1, "seconds": 5.0,
-                                                          "teacher": {"calls": 7}}}}
+                                                          "teacher": {"calls": 7},
+                                                          "proposals": {"made": 2, "tagged": 1}}}}
     return {"name": name, "revs": [{"rev": f"rev-{name}", "name": name,
                                     "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}]}
 
@@ -43,24 +45,34 @@ def test_report_rows_differences_and_table():
         _exp("ns-s0", "nslora", 0, 0.75), _exp("ns-s1", "nslora", 1, 0.5),
         _exp("nssp-s0", "nslora", 0, 0.5, sysprompt=True),
         _exp("prefix-s0", "prefix", 0, 0.25),
+        _exp("ns-small-s0", "nslora", 0, 0.25, teacher="embedded:smollm2"),
+        _exp("ns-hint-s0", "nslora", 0, 0.5, engine="hint"),
         {"name": "failed", "revs": [{"rev": "x", "data": {"metrics": {}}}]},
     ]}]
     runs = runs_from_exp_show(exp_show)
-    assert len(runs) == 6 and set(runs["method"]) == {"lora", "nslora", "nslora_sysprompt", "prefix"}
+    assert len(runs) == 8 and set(runs["method"]) == {"lora", "nslora", "nslora_sysprompt", "prefix"}
     assert runs.loc[runs["method"] == "prefix", "criteria"].item() == "-"  # numerical-only: no criterion
+    # Rows are told apart by their teacher, not only by the engine kind.
+    engines = runs.set_index("experiment")["engine"]
+    assert engines["ns-s0"] == "local:embedded:qwen2.5-coder-1.5b" and engines["lora-s0"] == "-"
+    assert engines["ns-small-s0"] == "local:embedded:smollm2" and engines["ns-hint-s0"] == "hint"
+    assert runs.set_index("experiment").loc["ns-s0", ["proposals", "tagged"]].tolist() == [2, 1]
     correct = {
         "rev-lora-s0": [1, 1, 0, 0], "rev-lora-s1": [1, 0, 0, 0],
         "rev-ns-s0": [1, 1, 1, 0], "rev-ns-s1": [1, 1, 0, 0], "rev-nssp-s0": [0, 1, 1, 0],
+        "rev-ns-small-s0": [1, 0, 0, 0], "rev-ns-hint-s0": [1, 1, 0, 0],
     }
     ids = ["q3", "q1", "q2", "q0"]  # not sorted: pairing is by question id, not by position
     by_rev = {rev: pd.Series(np.array(v, bool), index=ids) for rev, v in correct.items()}
-    deltas = differences_from_lora(runs, by_rev, resamples=300).set_index("method")
+    deltas = differences_from_lora(runs, by_rev, resamples=300)
+    deltas = deltas[deltas["engine"] == "local:embedded:qwen2.5-coder-1.5b"].set_index("method")
     assert deltas.loc["nslora", "delta"] == pytest.approx(0.25) and deltas.loc["nslora", "paired_seeds"] == 2
     assert deltas.loc["nslora_sysprompt", "delta"] == pytest.approx(0.0)
     assert "prefix" not in deltas.index
     table = markdown_table(summarize_runs(runs), deltas.reset_index())
-    assert "| NS-LoRA | loss_ratio | local | 2 | 62.5 ± 17.7 | +25.0 [" in table
-    assert "| NS-LoRA + system prompt | loss_ratio | local | 1 |" in table
+    assert "| NS-LoRA | loss_ratio | local:embedded:qwen2.5-coder-1.5b | 2 | 62.5 ± 17.7 | +25.0 [" in table
+    assert "| NS-LoRA | loss_ratio | local:embedded:smollm2 | 1 | 25.0 ± 0.0 |" in table
+    assert "| NS-LoRA + system prompt | loss_ratio | local:embedded:qwen2.5-coder-1.5b | 1 |" in table
     assert "| Pre-trained | - | - | - | 10.0 |" in table
 
     by_rev["rev-ns-s1"] = by_rev["rev-ns-s1"].iloc[:3]

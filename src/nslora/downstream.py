@@ -7,7 +7,7 @@ questions, the same gold answers); both are evaluated with lm-eval exactly like 
 `evaluate` stage. The paper's version of this: remade GSM8K fine-tunes Qwen2.5-7B-Instruct to 75.96
 vs 70.36 on the original data.
 
-    result = run_downstream(original, remade, Path("data/test.parquet"), Path(".nslora/models/gemma3-270m"),
+    result = run_downstream(original, remade, Path("data/test.parquet"), materialized("embedded:gemma3-270m"),
                             Path(".nslora/downstream"), params.lora, params.train, params.eval,
                             epochs=1, precision="auto")
     result["arms"]["remade"]["accuracy"] - result["arms"]["original"]["accuracy"] == result["difference"]

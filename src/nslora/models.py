@@ -248,6 +248,29 @@ def materialize(name: str, out_dir: Path | str, revision: str | None = None,
     return out_dir
 
 
+DTYPE_SUFFIX = {torch.float32: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}
+
+
+def materialized(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """`name` as a plain HF directory, materialised once under the user cache
+    (`$NSLORA_CACHE/materialized/`) and reused while its nslora_source.json names the same model
+    and revision; a local directory is returned as it is.
+
+    One copy serves every clone, command and DVC experiment (a queued experiment runs in a
+    temporary copy of the repository, where a per-repository copy would be rebuilt every time).
+    """
+    if Path(name).is_dir():
+        return Path(name)
+    out = cache_dir() / "materialized" / (name.replace(":", "_").replace("/", "--") + DTYPE_SUFFIX[dtype])
+    source = out / "nslora_source.json"
+    if source.exists():
+        recorded = json.loads(source.read_text())
+        if recorded.get("name") == name and recorded.get("revision") == revision:
+            return out
+    return materialize(name, out, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 compute is fast on `device`: CUDA with bf16, or an x86 CPU with AVX512-BF16 or
     AMX (there bf16 matmuls run ~4x faster than fp32; elsewhere they are emulated and slower)."""

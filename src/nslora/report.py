@@ -42,6 +42,14 @@ def _method_label(params: dict) -> str:
     return method
 
 
+def _engine_label(params: dict) -> str:
+    """'hint', or the engine with the teacher model ('local:embedded:qwen2.5-coder-1.5b'): rows
+    that differ only in their teacher must not be averaged together."""
+    engine = params.get("teacher.engine", "")
+    model = params.get("teacher.model")
+    return f"{engine}:{model}" if engine in ("local", "openai") and model else engine
+
+
 def _record(name: str, rev: str, data: dict) -> dict | None:
     params: dict = {}
     _flatten("", (data.get("params") or {}).get("params.yaml", {}).get("data", {}), params)
@@ -55,12 +63,15 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
     row = {
         "experiment": name or rev, "rev": rev,
         "method": _method_label(params), "criteria": params.get("criteria", ""),
-        "engine": params.get("teacher.engine", ""), "seed": params.get("train.seed"),
+        "engine": _engine_label(params), "seed": params.get("train.seed"),
         "pretrained_accuracy": final["pretrained_accuracy"], "accuracy": final["final_accuracy"],
         "accuracy_strict": final.get("final_accuracy_strict"), "n": final.get("n"),
         "final_epoch": final.get("final_epoch"),
         "selected": sum(m.get("selected", 0) for m in teacher_work),
         "accepted": sum(m.get("accepted", 0) for m in teacher_work),
+        # TextGrad's proposals (made, with its tags): whether a teacher rewrote anything at all.
+        "proposals": sum((m.get("proposals") or {}).get("made", 0) for m in teacher_work),
+        "tagged": sum((m.get("proposals") or {}).get("tagged", 0) for m in teacher_work),
         "teacher_calls": sum((m.get("teacher") or {}).get("calls", 0) for m in teacher_work),
         "seconds": round(sum(m.get("seconds", 0) for path, m in metrics.items()
                              if path.startswith(("metrics/train/", "metrics/eval/", "metrics/symbolic/",

@@ -101,31 +101,10 @@ cli.add_command(report)
 cli.add_command(publish_reward)
 
 
-# Materialised base models for `nslora downstream` (git-ignored, reused across runs).
-MODELS_DIR = Path(".nslora/models")
-
-
-def _materialized(name: str, revision: str | None, trust_remote_code: bool) -> Path:
-    """A plain HF directory of model `name`: a local directory as is, anything else materialised
-    once under .nslora/models/ (reused while its nslora_source.json names the same model)."""
-    from nslora.models import materialize
-
-    if Path(name).is_dir():
-        return Path(name)
-    out = MODELS_DIR / name.replace(":", "_").replace("/", "--")
-    source = out / "nslora_source.json"
-    if source.exists():
-        recorded = json.loads(source.read_text())
-        if recorded.get("name") == name and recorded.get("revision") == revision:
-            return out
-    click.echo(f"materialising {name} at {out} (once)")
-    return materialize(name, out, revision=revision, trust_remote_code=trust_remote_code)
-
-
 @cli.command()
 @click.option("--model", "model_name", default="embedded:gemma3-270m", show_default=True,
               help="Model to fine-tune: hub id, local HF directory or embedded:<key> "
-                   "(materialised under .nslora/models/).")
+                   "(materialised once under $NSLORA_CACHE/materialized/).")
 @click.option("--original", "original_path", default="data/train/epoch_0.parquet", show_default=True,
               help="Original training set (EXAMPLES Parquet).")
 @click.option("--remade", "remade_path", default="data/remade/train.parquet", show_default=True,
@@ -155,6 +134,7 @@ def downstream(model_name: str, original_path: str, remade_path: str, test_path:
     import pandas as pd
 
     from nslora.downstream import markdown_table, run_downstream
+    from nslora.models import materialized
     from nslora.schemas import EXAMPLES, read_table
     from nslora_cli.stage import setup_logging, user_errors
 
@@ -166,7 +146,7 @@ def downstream(model_name: str, original_path: str, remade_path: str, test_path:
         for path in (original_path, remade_path):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path}: no such file")
-        model_dir = _materialized(model_name, loaded.model.revision, loaded.model.trust_remote_code)
+        model_dir = materialized(model_name, loaded.model.revision, loaded.model.trust_remote_code)
         result = run_downstream(
             pd.read_parquet(original_path), pd.read_parquet(remade_path), Path(test_path), model_dir,
             Path(work_dir), loaded.lora, loaded.train, eval_cfg,

@@ -43,17 +43,14 @@ def user_errors():
         raise StageError(" ".join(str(err).split())) from err
 
 
-def teacher_model_dir(params, base_dir: str, cache_dir: Path) -> Path:
+def teacher_model_dir(params, base_dir: str) -> Path:
     """The HF directory of a local teacher: the base model itself when they are the same model,
-    otherwise a copy materialised once next to the teacher cache (.nslora/models/), in bf16: the
-    teacher only generates, so float32 would double its 3.4 GB (Qwen2.5 1.5B) for nothing."""
+    otherwise a copy materialised once in the user cache, in bf16: the teacher only generates,
+    so float32 would double its 3.4 GB (Qwen2.5 1.5B) for nothing."""
     import torch
 
-    from nslora.models import materialize
+    from nslora.models import materialized
 
     if params.teacher.model == params.model.name:
         return Path(base_dir)
-    target = Path(cache_dir).parent / "models" / params.teacher.model.replace(":", "_").replace("/", "--")
-    if (target / "config.json").exists():
-        return target
-    return materialize(params.teacher.model, target, dtype=torch.bfloat16)
+    return materialized(params.teacher.model, dtype=torch.bfloat16)
