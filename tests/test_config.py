@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -44,12 +45,38 @@ def test_real_params_yaml_loads_and_every_key_has_help():
     (lambda p: p["epochs"].update({"3": {"prev": 1}}), "epochs.3.prev: is 1, must be 2"),
     (lambda p: p["epochs"].pop("1"), "epochs: keys must be 1..1"),
     (lambda p: p["epochs"]["1"].update(eval=True), "epochs.1.eval: unknown key"),
+    # Value ranges: ratios, sizes, learning rates, probabilities, timeouts.
+    (lambda p: p["symbolic"].update(ratio=0), "symbolic.ratio: got 0.0, must be within (0, 1]"),
+    (lambda p: p["symbolic"].update(ratio=1.5), "symbolic.ratio: got 1.5, must be within (0, 1]"),
+    (lambda p: p["train"].update(batch_size=0), "train.batch_size: got 0, must be >= 1"),
+    (lambda p: p["data"].update(train_size=-3), "data.train_size: got -3, must be >= 1"),
+    (lambda p: p["train"].update(lr=0), "train.lr: got 0.0, must be > 0"),
+    (lambda p: p["lora"].update(dropout=1.0), "lora.dropout: got 1.0, must be within [0, 1)"),
+    (lambda p: p["teacher"].update(timeout=0), "teacher.timeout: got 0.0, must be > 0"),
+    (lambda p: p["teacher"].update(concurrency=0), "teacher.concurrency: got 0, must be >= 1"),
+    (lambda p: p["eval"].update(limit=0), "eval.limit: got 0, must be >= 1"),
+    (lambda p: p["reward"].update(holdout_fraction=1), "reward.holdout_fraction: got 1.0, must be within (0, 1)"),
 ])
 def test_bad_params_name_the_key(mutate, message):
     params = real_params()
     mutate(params)
-    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         parse_params(params)
+
+
+def test_every_default_is_within_its_range():
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            valid = f.metadata.get("valid")
+            value = getattr(cls(), f.name)
+            assert not valid or value is None or valid[1](value), f"{cls.__name__}.{f.name}={value!r}"
+
+
+def test_a_key_given_twice_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.1\n  batch_size: 4\n  lr: 0.2\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: .*key 'lr' appears twice .*line 2"):
+        load_params(path)
 
 
 def test_int_is_accepted_for_float_and_missing_sections_default():
@@ -67,6 +94,23 @@ def test_cli_epochs_rewrites_a_consistent_chain(tmp_path):
     assert list(params.epochs) == [1, 2, 3, 4]
     assert [e.evaluate for e in params.epochs.values()] == [False, False, False, True]
     assert params.model == load_params(ROOT / "params.yaml").model  # the rest is untouched
+
+
+def test_cli_epochs_keeps_comments_and_layout_and_refuses_bad_counts(tmp_path):
+    path = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    path.write_text(original)
+    result = CliRunner().invoke(cli, ["epochs", "3", "--params", str(path)])
+    assert result.exit_code == 0 and "3 epoch stage(s)" in result.output
+    rewritten = path.read_text()
+    # Only the epochs section changed: every other line (comments, nulls, long strings) is kept.
+    before, after = original.split("\nepochs:")[0], rewritten.split("\nepochs:")[0]
+    assert after == before
+    assert rewritten.endswith("  '2': {prev: 1, evaluate: true}\n  '3': {prev: 2, evaluate: true}\n")
+    for bad in ("0", "-2"):
+        result = CliRunner().invoke(cli, ["epochs", "--params", str(path), "--", bad])
+        assert result.exit_code != 0 and "need at least 1 epoch" in result.output
+        assert path.read_text() == rewritten  # nothing written
 
 
 def test_stage_reports_params_error_in_one_line(tmp_path):

