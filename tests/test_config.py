@@ -56,12 +56,25 @@ def test_real_params_yaml_loads_and_every_key_has_help():
     (lambda p: p["teacher"].update(concurrency=0), "teacher.concurrency: got 0, must be >= 1"),
     (lambda p: p["eval"].update(limit=0), "eval.limit: got 0, must be >= 1"),
     (lambda p: p["reward"].update(holdout_fraction=1), "reward.holdout_fraction: got 1.0, must be within (0, 1)"),
+    # The launcher reaches the shell: a program and options, nothing the shell interprets.
+    (lambda p: p["train"].update(launcher="python; rm -rf ~"), "train.launcher: got 'python; rm -rf ~', must be a launcher"),
+    (lambda p: p["train"].update(launcher="accelerate launch $(id)"), "train.launcher: got 'accelerate launch $(id)'"),
+    (lambda p: p["train"].update(launcher="bash -c"), "train.launcher: got 'bash -c'"),
 ])
 def test_bad_params_name_the_key(mutate, message):
     params = real_params()
     mutate(params)
     with pytest.raises(ParamsError, match=re.escape(message)):
         parse_params(params)
+
+
+@pytest.mark.parametrize("launcher", ["python", "accelerate launch --num_processes 4",
+                                      "accelerate launch --cpu --num_processes=2 --mixed_precision bf16",
+                                      "torchrun --nproc_per_node 2", "/opt/venv/bin/python3.11"])
+def test_usual_launchers_are_accepted(launcher):
+    params = real_params()
+    params["train"]["launcher"] = launcher
+    assert parse_params(params).train.launcher == launcher
 
 
 def test_every_default_is_within_its_range():

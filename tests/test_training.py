@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from nslora.config import LoraParams, TrainConfig
 from nslora.schemas import SAMPLE_STATS, to_table
 from nslora.losses import AnswerLoss
-from nslora.training import (BATCHES_FILE, LoraTrainer, TrainingDataError, collate,
-                             compose_batches, encode_all, init_adapter)
+from nslora.training import (BATCHES_FILE, STATE_FILE, LoraTrainer, TrainingDataError, collate,
+                             compose_batches, encode_all, init_adapter, load_training_state, rng_state,
+                             set_rng_state)
 
 LORA = LoraParams(r=4, alpha=8, dropout=0.1)
 TRAIN = TrainConfig(lr=1e-2, batch_size=4, max_length=96, scheduler="cosine", warmup_steps=2,
@@ -117,3 +118,30 @@ def test_missing_sample_names_the_id(tiny_model_dir, epoch0):
     trainer = LoraTrainer(tiny_model_dir, e0, TRAIN, precision="fp32")
     with pytest.raises(TrainingDataError, match="ex-train-0"):
         trainer.run_epoch(train_df.iloc[1:], 1, progress=False)
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (_RunsCodeWhenUnpickled.ran.append, (True,))
+
+    ran: list = []
+
+
+def test_training_state_loads_without_unpickling_code(tmp_path):
+    # A state file fetched from a remote is data: RNG states are tensors and numbers, and a file
+    # carrying a pickled callable is refused, naming the file, without running it.
+    torch.save({"optimizer": None, "step": 3, "rng": rng_state()}, tmp_path / STATE_FILE)
+    state = load_training_state(tmp_path)
+    assert state["step"] == 3
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    saved = rng_state()
+    torch.rand(5)
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(2), expected)
+
+    torch.save({"step": 0, "rng": _RunsCodeWhenUnpickled()}, tmp_path / STATE_FILE)
+    with pytest.raises(ValueError, match=r"training_state\.pt: not a plain training state"):
+        load_training_state(tmp_path)
+    assert _RunsCodeWhenUnpickled.ran == []

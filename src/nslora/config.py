@@ -11,6 +11,7 @@ naming the offending key:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 RATIO = ("within (0, 1]", lambda v: 0 < v <= 1)
 PROBABILITY = ("within [0, 1)", lambda v: 0 <= v < 1)
 OPEN_UNIT = ("within (0, 1)", lambda v: 0 < v < 1)
+# train.launcher is pasted into the stage's shell command by dvc.yaml: a program and its options,
+# nothing the shell would interpret (; | & $ ` quotes, redirections, newlines).
+LAUNCHER = ("a launcher such as 'python', 'accelerate launch --num_processes 4' or "
+            "'torchrun --nproc_per_node 2' (letters, digits, spaces and - _ = . , : / only)",
+            lambda v: re.fullmatch(r"([\w.\-/]*/)?(python[\d.]*|accelerate launch|torchrun)( [\w\-=.,:/]+)*", v) is not None)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, *, valid: tuple | None = None, **kw: Any) -> Any:
@@ -135,7 +141,7 @@ class TrainConfig:
     launcher: str = _help(
         "Command that runs the training stage: 'python' on one device, e.g. "
         "'accelerate launch --num_processes 4' for several GPUs.",
-        "python",
+        "python", valid=LAUNCHER,
     )
 
 

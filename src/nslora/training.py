@@ -153,18 +153,40 @@ def data_hash(train_df: pd.DataFrame) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain numbers, so that `training_state.pt` (which travels
+    through DVC remotes) loads with `torch.load(weights_only=True)`: no arbitrary unpickling."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_training_state(adapter_dir: Path) -> dict:
+    """The optimizer, step and RNG states saved with an adapter, read without unpickling code."""
+    import pickle
+
+    path = Path(adapter_dir) / STATE_FILE
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not a plain training state (tensors and numbers only), so it is not "
+                         f"loaded; it may come from an older nslora or elsewhere. Re-run the epoch that "
+                         f"made it (dvc repro -f lora_epoch@k). ({str(err).splitlines()[0]})") from err
 
 
 def seed_everything(seed: int) -> None:
@@ -278,7 +300,7 @@ class LoraTrainer:
         self.dtype = resolve_dtype(precision, self.device)
         self.meta = read_meta(adapter_dir)
         self.batches = json.loads((self.adapter_dir / BATCHES_FILE).read_text())
-        state = torch.load(self.adapter_dir / STATE_FILE, weights_only=False)
+        state = load_training_state(self.adapter_dir)
 
         self.tokenizer = load_tokenizer(base_dir)
         base = load_model(base_dir, dtype=self.dtype, attention=attention, device=self.device)
