@@ -200,7 +200,9 @@ def clinifact_dir(tmp_path: Path, labels: list) -> Path:
         pd.DataFrame(
             {
                 "index": range(len(labels)),
-                "claim": [f"Drug {i} beats placebo." for i in range(len(labels))],
+                # Different claims per split: a test question that is also a training one is refused.
+                "claim": [f"Drug {i} beats placebo{' in trial B' if split == 'test' else ''}."
+                          for i in range(len(labels))],
                 "article_abstract": [f"Abstract {i},\nwith a comma and a newline." for i in range(len(labels))],
                 "label": labels,
             }
@@ -210,7 +212,7 @@ def clinifact_dir(tmp_path: Path, labels: list) -> Path:
 
 def test_clinifact_tiny(tmp_path):
     clinifact_dir(tmp_path, [0, 1, 2])
-    config = DataConfig(source="clinifact", path="clinifact", train_size=10, test_size=2)
+    config = DataConfig(source="clinifact", path="clinifact", train_size=3, test_size=2)
     train, test = prepare_examples(config, base_dir=tmp_path)
     check_tables(train, test, tmp_path, config)
     by_index = train.set_index("source_index")
@@ -222,7 +224,7 @@ def test_clinifact_tiny(tmp_path):
 
 def test_clinifact_shared(tmp_path):
     path = shared("clinifact")
-    config = DataConfig(source="clinifact", path=str(path), train_size=2000, test_size=100)
+    config = DataConfig(source="clinifact", path=str(path), train_size=1260, test_size=100)
     train, test = prepare_examples(config)
     check_tables(train, test, tmp_path, config)
     assert len(train) == 1260 and len(test) == 100
@@ -245,13 +247,15 @@ def babi_dir(tmp_path: Path, text: str = BABI) -> Path:
     directory = tmp_path / "en"
     directory.mkdir(parents=True)
     for split in ("train", "test"):
-        (directory / f"qa1_single-supporting-fact_{split}.txt").write_text(text)
+        # The test stories differ from the training ones (an overlap is refused).
+        story = text if split == "train" else text.replace("Mary", "Alice").replace("Sandra", "Eve")
+        (directory / f"qa1_single-supporting-fact_{split}.txt").write_text(story)
     return directory
 
 
 def test_babi_tiny(tmp_path):
     babi_dir(tmp_path)
-    config = DataConfig(source="babi", task="1", path="en", train_size=10, test_size=10)
+    config = DataConfig(source="babi", task="1", path="en", train_size=3, test_size=10)
     train, test = prepare_examples(config, base_dir=tmp_path)
     check_tables(train, test, tmp_path, config)
     rows = train.set_index("source_index").sort_index()
@@ -304,7 +308,7 @@ def test_gsm8k_errors_name_file_line_and_field(tmp_path):
 
 def test_clinifact_errors_name_file_row_and_field(tmp_path):
     directory = clinifact_dir(tmp_path, [1, "yes", 2])
-    config = DataConfig(source="clinifact", path=str(directory))
+    config = DataConfig(source="clinifact", path=str(directory), train_size=1)
     message = error(config)
     assert f"{directory / 'train.csv'}: row 1: field 'label' is 'yes'" in message and "0 (FALSE)" in message
     pd.DataFrame({"claim": ["c"], "label": [1]}).to_csv(directory / "train.csv", index=False)
@@ -318,6 +322,41 @@ def test_clinifact_errors_name_file_row_and_field(tmp_path):
     assert f"{directory / 'test.csv'}: no such file" in error(config)
     assert "data.path: not set" in error(DataConfig(source="clinifact"))
     assert "no such directory" in error(DataConfig(source="clinifact", path=str(tmp_path / "nope")))
+
+
+def test_csv_rows_cannot_shift_and_bad_files_are_named(tmp_path):
+    directory = clinifact_dir(tmp_path, [0, 1, 2])
+    config = DataConfig(source="clinifact", path=str(directory), train_size=3, test_size=3)
+    train_csv = directory / "train.csv"
+    header = "claim,article_abstract,label\n"
+    # Every row one field too many: pandas would take the first column as an index and shift
+    # claim into the abstract silently.
+    train_csv.write_text(header + "c0,a0,0,extra\nc1,a1,1,extra\nc2,a2,2,extra\n")
+    assert f"{train_csv}: row 0 (line 2): 4 fields, the header has 3" in error(config)
+    train_csv.write_text(header + "c0,a0,0\nc1,a1,1\nc2,a, with a comma,2\n")
+    assert f"{train_csv}: row 2 (line 4): 4 fields" in error(config) and "quote fields" in error(config)
+    train_csv.write_bytes(header.encode() + "c0,caf\u00e9,0\n".encode("latin-1"))
+    assert f"{train_csv}: line 2: not UTF-8 text" in error(config)
+    train_csv.write_text("")
+    assert f"{train_csv}: empty" in error(config)
+    train_csv.write_text(header)
+    assert f"{train_csv}: no examples in the train split" in error(config)
+    train_csv.write_text(header + "c0,a0,0\nc1,a1,1\n")
+    assert f"{train_csv}: 2 training examples, fewer than data.train_size=3" in error(config)
+
+
+def test_gsm8k_empty_short_and_overlapping_splits_are_refused(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(4)]
+    directory = gsm8k_dir(tmp_path, rows, rows)  # the same rows in train and test
+    config = DataConfig(source="gsm8k", path=str(directory), train_size=4, test_size=4)
+    message = error(config)
+    assert "4 test question(s) also in the training set" in message and "Remove them" in message
+    (directory / "test.jsonl").write_text(json.dumps({"question": "  q3? ", "answer": "#### 3"}) + "\n")
+    assert "1 test question(s) also in the training set" in error(config)  # case and spaces ignored
+    (directory / "test.jsonl").write_text("\n")
+    assert f"{directory / 'test.jsonl'}: no examples in the test split" in error(config)
+    (directory / "train.jsonl").write_bytes(b'{"question": "Q\xff?", "answer": "#### 1"}\n')
+    assert f"{directory / 'train.jsonl'}: line 1: not UTF-8 text" in error(config)
 
 
 def test_babi_errors_name_file_line_and_field(tmp_path):

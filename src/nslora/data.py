@@ -77,7 +77,24 @@ def prepare_examples(
             f"data.source: unknown source {config.source!r}; use one of {list(loaders)}"
         )
     train, test = loaders[config.source](config, Path(base_dir))
+    _refuse_overlap(train, test, config)
     return _frame(train, "train", config.system_prompt), _frame(test, "test", config.system_prompt)
+
+
+def _refuse_overlap(train: list[Example], test: list[Example], config: DataConfig) -> None:
+    """A test question that is also a training question measures memory, not learning."""
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    seen = {norm(e.question): e for e in train}
+    shared = [(seen[norm(e.question)], e) for e in test if norm(e.question) in seen]
+    if shared:
+        first_train, first_test = shared[0]
+        raise DataError(
+            f"data ({config.source}{'/' + config.task if config.source == 'reasoning_gym' else ''}): "
+            f"{len(shared)} test question(s) also in the training set, e.g. test item "
+            f"{first_test.index} = training item {first_train.index}: {first_test.question[:80]!r}. "
+            "Remove them from one split (or, for generated tasks, widen task_config or change data.seed)")
 
 
 def _frame(examples: list[Example], split: str, system_prompt: str) -> pd.DataFrame:
@@ -288,6 +305,57 @@ def _directory(config: DataConfig, base_dir: Path, what: str) -> Path:
     return directory
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = file.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(f"{file}: line {line}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "save the file as UTF-8") from None
+
+
+def _csv_rows(file: Path) -> list[dict[str, str]]:
+    """The data rows of a CSV file as header -> value dicts.
+
+    Every row must have exactly the header's fields: pandas would take a row with one extra field
+    as having an index column, or drop the extra value, shifting or losing data without a word.
+    """
+    import csv
+    import io
+
+    # A StringIO splits lines only at \n and \r (str.splitlines would also split quoted fields at
+    # U+2028 and friends, which abstracts contain).
+    reader = csv.reader(io.StringIO(_read_text(file), newline=""))
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise DataError(f"{file}: empty; it needs a header line and one row per example")
+        header = [h.strip() for h in header]
+        rows = []
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{file}: row {len(rows)} (line {reader.line_num}): {len(fields)} fields, the header "
+                    f"has {len(header)}; quote fields that contain commas, or fix that row")
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as err:
+        raise DataError(f"{file}: line {reader.line_num}: not valid CSV ({err})") from None
+    return rows
+
+
+def _take(examples: list[Example], size: int, seed: int, file: Path | str, split: str) -> list[Example]:
+    """`_sample`, refusing an empty file, and a training file with fewer examples than asked for
+    (a run on fewer samples than its params say would be compared with runs on more)."""
+    if not examples:
+        raise DataError(f"{file}: no examples in the {split} split; it needs at least one")
+    if split == "train" and len(examples) < size:
+        raise DataError(f"{file}: {len(examples)} training examples, fewer than data.train_size={size}; "
+                        f"lower data.train_size to at most {len(examples)} or add examples")
+    return _sample(examples, size, seed)
+
+
 def _text(record: dict, field: str, file: Path | str, where: str) -> str:
     value = record.get(field)
     if not isinstance(value, str) or not value.strip():
@@ -301,13 +369,12 @@ def _gsm8k(config: DataConfig, base_dir: Path) -> tuple[list[Example], list[Exam
     local = base_dir / Path(path).expanduser()
     splits = _gsm8k_local(local) if local.is_dir() else _gsm8k_hub(path, local)
     train, test = (
-        [_gsm8k_example(file, where, i, record) for i, (where, record) in enumerate(records)]
-        for file, records in (splits["train"], splits["test"])
+        _take([_gsm8k_example(file, where, i, record) for i, (where, record) in enumerate(records)],
+              size, config.seed, file, split)
+        for (file, records), size, split in ((splits["train"], config.train_size, "train"),
+                                             (splits["test"], config.test_size, "test"))
     )
-    return (
-        _sample(train, config.train_size, config.seed),
-        _sample(test, config.test_size, config.seed),
-    )
+    return train, test
 
 
 Records = tuple[Path | str, list[tuple[str, dict]]]  # (file, [(row or line label, record)])
@@ -319,7 +386,7 @@ def _gsm8k_local(directory: Path) -> dict[str, Records]:
         jsonl, parquet = directory / f"{split}.jsonl", directory / f"{split}.parquet"
         if jsonl.exists():
             records = []
-            for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+            for n, line in enumerate(_read_text(jsonl).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -391,15 +458,15 @@ def _clinifact(config: DataConfig, base_dir: Path) -> tuple[list[Example], list[
         if not file.exists():
             raise DataError(f"{file}: no such file; the CliniFact directory needs {split}.csv")
         # Strings only: a label must be exactly 0/1/2, and abstracts are never parsed as numbers.
-        df = pd.read_csv(file, dtype=str, keep_default_na=False)
-        missing = [c for c in ("claim", "article_abstract", "label") if c not in df.columns]
+        rows = _csv_rows(file)
+        missing = [c for c in ("claim", "article_abstract", "label") if c not in rows[0]] if rows else []
         if missing:
             raise DataError(
                 f"{file}: header: field(s) {missing} missing; CliniFact CSVs need the columns "
                 "claim, article_abstract and label"
             )
         examples = []
-        for i, record in enumerate(df[["claim", "article_abstract", "label"]].to_dict("records")):
+        for i, record in enumerate(rows):
             claim = _text(record, "claim", file, f"row {i}")
             abstract = _text(record, "article_abstract", file, f"row {i}")
             label = record["label"].strip()
@@ -411,7 +478,7 @@ def _clinifact(config: DataConfig, base_dir: Path) -> tuple[list[Example], list[
             answer, reason = CLINIFACT_LABELS[label]
             question = CLINIFACT_QUESTION.format(claim=claim, abstract=abstract)
             examples.append(Example("clinifact", i, question, f"{reason}\n#### {answer}", answer))
-        splits.append(_sample(examples, size, config.seed))
+        splits.append(_take(examples, size, config.seed, file, split))
     return splits[0], splits[1]
 
 
@@ -422,13 +489,14 @@ def _babi(config: DataConfig, base_dir: Path) -> tuple[list[Example], list[Examp
         raise DataError(f"data.task: {config.task!r} is not a bAbI task; use 1-20 or a list like '1,2'")
     splits = []
     for split, size in (("train", config.train_size), ("test", config.test_size)):
-        examples = []
+        examples, read = [], []
         for n in numbers:
             files = sorted(directory.glob(f"qa{int(n)}_*_{split}.txt"))
             if len(files) != 1:
                 raise DataError(f"{directory}: needs one qa{int(n)}_*_{split}.txt, found {len(files)}")
             examples += read_babi(files[0], f"babi/qa{int(n)}")
-        splits.append(_sample(examples, size, config.seed))
+            read.append(str(files[0]))
+        splits.append(_take(examples, size, config.seed, ", ".join(read), split))
     return splits[0], splits[1]
 
 
@@ -449,7 +517,7 @@ def read_babi(file: Path, source: str) -> list[Example]:
     """
     examples = []
     story: dict[str, str] = {}  # statement id -> text, for the current story only
-    for n, line in enumerate(file.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(file).splitlines(), 1):
         if not line.strip():
             continue
         number, _, text = line.strip().partition(" ")
