@@ -13,12 +13,13 @@ from pathlib import Path
 
 import click
 
+from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, read_table, write_table
 from nslora.student import Student
 from nslora.symbolic import TextGradRewriter, optimize_initial_prompt
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, teacher_model_dir, user_errors
+from nslora_cli.stage import setup_logging, user_errors
 
 
 @click.command()
@@ -41,7 +42,8 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
                                  "teacher.engine to local or openai")
             student = Student(base_dir, None, params.model.precision, params.model.attention,
                               batch_size=params.eval.batch_size)
-            local_dir = teacher_model_dir(params, base_dir) if params.teacher.engine == "local" else None
+            local_dir = (local_teacher_dir(params.teacher.model, params.model.name, base_dir)
+                         if params.teacher.engine == "local" else None)
             teacher = make_teacher(params.teacher, cache_dir, local_model_dir=local_dir,
                                    precision=params.model.precision)
             samples = math.ceil(params.symbolic.ratio * len(train))

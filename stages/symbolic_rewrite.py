@@ -15,13 +15,14 @@ from pathlib import Path
 
 import click
 
+from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_table
 from nslora.student import Student
 from nslora.methods import rewrites_questions, symbolic_settings
 from nslora.symbolic import CritiqueOnly, HintRewriter, TextGradRewriter, rewrite_epoch
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, teacher_model_dir, user_errors
+from nslora_cli.stage import setup_logging, user_errors
 
 
 @click.command()
@@ -56,7 +57,8 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
             if engine == "hint":
                 rewriter = HintRewriter()
             else:
-                local_dir = teacher_model_dir(params, base_dir) if engine == "local" else None
+                local_dir = (local_teacher_dir(params.teacher.model, params.model.name, base_dir)
+                             if engine == "local" else None)
                 teacher = make_teacher(params.teacher, cache_dir, local_model_dir=local_dir,
                                        precision=params.model.precision)
                 rewriter = TextGradRewriter(teacher, student, cfg)
