@@ -37,9 +37,35 @@ def test_lm_eval_context_is_the_training_prompt(tiny_model_dir, test_parquet, ex
 def test_evaluate_writes_predictions_and_accuracy(tiny_model_dir, test_parquet):
     summary, predictions = evaluate(tiny_model_dir, None, test_parquet, "Count carefully.", EVAL, precision="fp32")
     to_table(predictions, PREDICTIONS)
-    assert summary["n"] == len(predictions) == 6
-    assert 0.0 <= summary["accuracy"] <= 1.0
-    assert summary["accuracy"] == pytest.approx(predictions["correct_flexible"].mean())
+    assert summary["n"] == len(predictions) == 6 and summary["questions_per_s"] > 0
+
+
+def test_lm_eval_scores_right_answers_through_the_task_yaml_and_filters(tiny_model_dir, test_parquet, examples):
+    """Scripted replies (the model's generate replaced, nothing else) go through lm-eval's real task
+    YAML, filters and metric: right answers score, in the format each filter accepts."""
+    rows = examples(6, "test", system_prompt="Count carefully.")
+    gold = [int(a) for a in rows.final_answer]
+    replies = [
+        f"2 legs each, so the total is 18.\n#### {gold[0]}",  # both filters: the number after ####
+        f"The total is {gold[1]} legs.",                         # flexible only: no '#### ' line
+        f"#### {gold[2] + 1}",                                   # neither: wrong number
+        f"First {gold[3]}, but then 99 more.",                   # neither: flexible takes the last number
+        f"#### {gold[4]}",                                       # both
+        f"Counting...\n#### {gold[5]}",                        # both
+    ]
+    lm = build_lm(tiny_model_dir, None, EVAL, precision="fp32", device="cpu")
+
+    def scripted(requests, disable_tqdm=False):
+        return [next(reply for row, reply in zip(rows.itertuples(), replies) if row.question in r.args[0])
+                for r in requests]
+
+    lm.generate_until = scripted
+    summary, predictions = evaluate(tiny_model_dir, None, test_parquet, "Count carefully.", EVAL, lm=lm)
+    by_question = predictions.set_index("question").loc[list(rows.question)]
+    assert by_question["correct_strict"].tolist() == [True, False, False, False, True, True]
+    assert by_question["correct_flexible"].tolist() == [True, True, False, False, True, True]
+    assert summary["accuracy"] == pytest.approx(4 / 6) and summary["accuracy_strict"] == pytest.approx(3 / 6)
+    assert by_question["output"].tolist() == replies
 
 
 def test_adapter_changes_logits_as_loaded_by_the_evaluator(tiny_model_dir, examples, tmp_path):

@@ -178,7 +178,6 @@ def test_comparison_queue_and_report(tiny_model_dir, tmp_path):
         assert (repo / "results" / name).read_bytes() == content, f"{name} is not reproducible"
     differences = pd.read_csv(repo / "results" / "differences.csv")
     assert set(differences["engine"]) == {"openai:test-model", "hint"} and (differences["paired_seeds"] == 1).all()
-    assert (differences["ci_low"] <= differences["delta"]).all() and (differences["delta"] <= differences["ci_high"]).all()
     runs = pd.read_csv(repo / "results" / "runs.csv")
     assert sorted(runs["method"].unique()) == ["lora", "lora_sysprompt", "nslora", "prefix", "two_stage"]
     assert len(runs) == 6 and runs["accuracy"].notna().all() and runs["epoch_1"].notna().all()

@@ -144,7 +144,8 @@ def test_openai_path_end_to_end_with_transformers_serve(inputs, transformers_ser
     # A random model sometimes says nothing at all: an empty reply is retried, then recorded.
     assert sum(teacher["failures_by_reason"].values()) == teacher["failures"]
     log = read_table(tmp_path / "run" / "rewrites.parquet", REWRITES)
-    assert len(log) == SAMPLES and (log["reason"] != "").all()
+    assert len(log) == SAMPLES and (log["reason"] != "").all() and not log["accepted"].any()
+    # Nothing accepted: the next epoch's training set is the input, question for question.
     train = read_table(tmp_path / "run" / "train_1.parquet", EXAMPLES)
-    kept = train[train["rewrite_epoch"] == 0]
-    assert len(kept) >= 8 - metrics["accepted"]
+    assert metrics["accepted"] == 0 and (train["rewrite_epoch"] == 0).all()
+    pd.testing.assert_frame_equal(train, inputs["train"].reset_index(drop=True))
