@@ -164,3 +164,15 @@ def test_study_profile_is_valid_and_rewrites_after_epoch_1_only():
     params = load_params(ROOT / "profiles" / "study_chain_sum.yaml")
     assert (params.data.task, params.data.train_size, len(params.epochs)) == ("chain_sum", 128, 2)
     assert [should_trigger(k, params.symbolic, None)[0] for k in (1, 2)] == [True, False]
+
+
+def test_gsm8k_qwen_profile_has_a_student_that_can_move_and_the_capable_teacher():
+    from nslora.criteria import should_trigger
+
+    params = load_params(ROOT / "profiles" / "gsm8k_qwen.yaml")
+    assert params.model.name == "embedded:qwen2.5-coder-0.5b"
+    assert (params.teacher.engine, params.teacher.model) == ("local", "embedded:qwen2.5-coder-1.5b")
+    assert params.data.source == "gsm8k" and params.data.test_size >= 150 and len(params.epochs) == 2
+    assert [should_trigger(k, params.symbolic, None)[0] for k in (1, 2)] == [True, False]
+    # Whole attempts fit the budget: every sample in flight gets its 4 calls per iteration.
+    assert params.teacher.max_calls_per_epoch >= 4 * params.symbolic.max_iters * params.teacher.concurrency

@@ -23,7 +23,7 @@ from nslora.teacher_engines import LocalEngine
 
 TEACHER = "embedded:qwen2.5-coder-1.5b"
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from conftest import ROOT
 from nslora.schemas import EXAMPLES, PREDICTIONS, REMADE, SAMPLE_STATS, SELECTION, read_table
 from openai_server import OpenAIServer, textgrad_teacher_reply
 
+pytestmark = pytest.mark.integration
+
 REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvcignore"]
 
 
@@ -140,7 +142,6 @@ def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
         check_outputs(repo, epochs=3)
 
 
-@pytest.mark.slow
 def test_dvc_repro_embedded_model(tmp_path):
     """The default model (SmolLM2-135M-Instruct read from its PyPI wheel), end to end."""
     repo = make_repo(tmp_path, {
