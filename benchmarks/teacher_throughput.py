@@ -39,21 +39,22 @@ def wrong_questions(params, n: int, base_dir: Path) -> list[tuple]:
     """The first `n` training samples the pre-trained student gets wrong, with its answers."""
     from nslora.data import prepare_examples
     from nslora.student import Student
-    from nslora.symbolic import _is_right, _sample
+    from nslora.answers import is_right
+    from nslora.symbolic import sample_from_row
 
     train, _ = prepare_examples(params.data)
     student = Student(base_dir, None, params.model.precision, params.model.attention, batch_size=32)
     rows = list(train.head(8 * n).itertuples())
     outputs = student.answer(params.data.system_prompt, [r.question for r in rows],
                              params.symbolic.student_max_new_tokens)
-    wrong = [(_sample(r, params.data.system_prompt), out) for r, out in zip(rows, outputs)
-             if not _is_right(out, r.final_answer)]
+    wrong = [(sample_from_row(r, params.data.system_prompt), out) for r, out in zip(rows, outputs)
+             if not is_right(out, r.final_answer)]
     return wrong[:n], student
 
 
 def run_side(name: str, engine, caps: dict | None, samples: list[tuple], student, params,
              concurrency: int, cache: Path) -> dict:
-    from nslora.symbolic import TextGradRewriter, _check_proposal
+    from nslora.symbolic import TextGradRewriter, check_proposal
     from nslora.teacher import CachedTeacher
 
     teacher = CachedTeacher(engine, cache, max_tokens=512, max_tokens_by_kind=caps)
@@ -62,7 +63,7 @@ def run_side(name: str, engine, caps: dict | None, samples: list[tuple], student
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         proposals = list(pool.map(lambda s: rewriter.propose(s[0], s[0].question, s[1], 1), samples))
     wall = time.perf_counter() - start
-    checks = [p.failure or _check_proposal(s[0], s[0].question, p.question, params.symbolic, None)
+    checks = [p.failure or check_proposal(s[0], s[0].question, p.question, params.symbolic, None)
               for s, p in zip(samples, proposals)]
     stats = teacher.stats()
     result = {"engine": name, "questions": len(samples), "wall_s": round(wall, 1),
@@ -91,7 +92,7 @@ def main() -> None:
     import torch
 
     from nslora.models import materialized
-    from nslora.teacher_engines import LocalEngine
+    from nslora.teacher.local_engine import LocalEngine
     from nslora_cli.params_file import load_params
 
     params = load_params(ROOT / "params.yaml")

@@ -17,9 +17,9 @@ from conftest import make_examples
 from nslora.config import SymbolicConfig
 from nslora.models import materialized
 from nslora.student import Student
-from nslora.symbolic import Sample, TextGradRewriter, _check_proposal
+from nslora.symbolic import Sample, TextGradRewriter, check_proposal
 from nslora.teacher import CachedTeacher
-from nslora.teacher_engines import LocalEngine
+from nslora.teacher.local_engine import LocalEngine
 
 TEACHER = "embedded:qwen2.5-coder-1.5b"
 
@@ -56,4 +56,4 @@ def test_one_textgrad_proposal_with_the_embedded_teacher(teacher_dir, tiny_model
     else:
         assert proposal.question.strip() and "<IMPROVED_VARIABLE>" not in proposal.question
         print("proposal:", proposal.question, "| check:",
-              _check_proposal(sample, sample.question, proposal.question, cfg, None))
+              check_proposal(sample, sample.question, proposal.question, cfg, None))

@@ -21,7 +21,8 @@ import torch
 from nslora.config import TeacherConfig
 from nslora.teacher import (BudgetExhausted, CachedTeacher, TeacherError, cache_key, is_local_url,
                             make_teacher, safe_url)
-from nslora.teacher_engines import LocalEngine, OpenAIEngine, retry_after_seconds
+from nslora.teacher.local_engine import LocalEngine
+from nslora.teacher.openai_engine import OpenAIEngine, retry_after_seconds
 from openai_server import OpenAIServer
 
 SECRET = "sk-test-DO-NOT-STORE-4f9c2a"

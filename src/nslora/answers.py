@@ -49,3 +49,8 @@ def strict_match(output: str, numeric: bool = True) -> str:
 
 def is_correct(extracted: str, final_answer: str) -> bool:
     return extracted != "[invalid]" and normalize(extracted) == normalize(final_answer)
+
+
+def is_right(output: str, final_answer: str) -> bool:
+    """Whether a model's whole output answers `final_answer` (flexible-extract, as evaluated)."""
+    return is_correct(flexible_extract(output, is_numeric(final_answer)), final_answer)

