@@ -29,7 +29,7 @@ def main() -> None:
 
     from nslora.config import DataConfig, EvalConfig
     from nslora.data import prepare_examples
-    from nslora.evaluation import evaluate
+    from nslora.evaluation.harness import evaluate
     from nslora.models import materialize
     from nslora.schemas import EXAMPLES, write_table
 

@@ -34,7 +34,7 @@ def prepare(work: Path, samples: int) -> dict:
 
     from nslora.config import LoraParams, TrainConfig
     from nslora.schemas import EXAMPLES, SELECTION, write_table
-    from nslora.training import init_adapter
+    from nslora.numerical.training import init_adapter
 
     model = build_tiny_model(work / "tiny")
     train = make_examples(samples)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def wrong_questions(params, n: int, base_dir: Path) -> list[tuple]:
     """The first `n` training samples the pre-trained student gets wrong, with its answers."""
     from nslora.data import prepare_examples
-    from nslora.student import Student
+    from nslora.selection.student import Student
     from nslora.answers import is_right
     from nslora.symbolic import sample_from_row
 

@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
 def run_ours(model_dir: str, data: str, work: str) -> dict:
     from nslora.config import LoraParams, TrainConfig
     from nslora.schemas import EXAMPLES, read_table
-    from nslora.training import LoraTrainer, init_adapter
+    from nslora.numerical.training import LoraTrainer, init_adapter
 
     train = TrainConfig(batch_size=8, max_length=256)
     df = read_table(data, EXAMPLES)
@@ -76,7 +76,7 @@ def run_trainer(model_dir: str, data: str, work: str) -> dict:
     from nslora.config import LoraParams
     from nslora.models import load_tokenizer
     from nslora.schemas import EXAMPLES, read_table
-    from nslora.training import encode_all
+    from nslora.numerical.training import encode_all
 
     tokenizer = load_tokenizer(model_dir)
     df = read_table(data, EXAMPLES)

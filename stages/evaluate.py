@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from nslora.evaluation import evaluate
+from nslora.evaluation.harness import evaluate
 from nslora.schemas import EXAMPLES, PREDICTIONS, read_table, write_table
-from nslora.training import read_meta
+from nslora.numerical.training import read_meta
 from nslora_cli.params_file import load_params
 from nslora_cli.stage import setup_logging, user_errors
 

@@ -9,7 +9,7 @@ import click
 
 from nslora.methods import adapter_type
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, read_table, write_table
-from nslora.training import LoraTrainer, init_adapter
+from nslora.numerical.training import LoraTrainer, init_adapter
 from nslora_cli.params_file import load_params
 from nslora_cli.stage import setup_logging, user_errors
 

@@ -15,7 +15,7 @@ import click
 
 from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, read_table, write_table
-from nslora.student import Student
+from nslora.selection.student import Student
 from nslora.symbolic import TextGradRewriter, optimize_initial_prompt
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, read_table, write_table
-from nslora.training import LoraTrainer
+from nslora.numerical.training import LoraTrainer
 from nslora_cli.params_file import load_params
 from nslora_cli.stage import setup_logging, user_errors
 

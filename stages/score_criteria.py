@@ -12,11 +12,11 @@ from pathlib import Path
 import click
 
 from nslora.config import ParamsError
-from nslora.criteria import build_selection
+from nslora.selection.criteria import build_selection
 from nslora.methods import symbolic_settings
 from nslora.reward import RewardModel
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, SELECTION, read_table, write_table
-from nslora.student import Student
+from nslora.selection.student import Student
 from nslora_cli.params_file import load_params
 from nslora_cli.stage import setup_logging, user_errors
 

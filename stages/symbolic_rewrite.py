@@ -17,7 +17,7 @@ import click
 
 from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_table
-from nslora.student import Student
+from nslora.selection.student import Student
 from nslora.methods import rewrites_questions, symbolic_settings
 from nslora.symbolic import CritiqueOnly, HintRewriter, TextGradRewriter, rewrite_epoch
 from nslora.teacher import make_teacher

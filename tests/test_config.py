@@ -159,7 +159,7 @@ def test_paper_profile_is_valid_and_builds_the_dag(tmp_path):
 def test_study_profile_is_valid_and_rewrites_after_epoch_1_only():
     """The study's profile parses, and its schedule gives symbolic updates after epoch 1 and not
     after the last epoch (whose rewrites no later epoch would train on)."""
-    from nslora.criteria import should_trigger
+    from nslora.selection.criteria import should_trigger
 
     params = load_params(ROOT / "profiles" / "study_chain_sum.yaml")
     assert (params.data.task, params.data.train_size, len(params.epochs)) == ("chain_sum", 128, 2)
@@ -167,7 +167,7 @@ def test_study_profile_is_valid_and_rewrites_after_epoch_1_only():
 
 
 def test_gsm8k_qwen_profile_has_a_student_that_can_move_and_the_capable_teacher():
-    from nslora.criteria import should_trigger
+    from nslora.selection.criteria import should_trigger
 
     params = load_params(ROOT / "profiles" / "gsm8k_qwen.yaml")
     assert params.model.name == "embedded:qwen2.5-coder-0.5b"

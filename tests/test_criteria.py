@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from nslora.config import SymbolicConfig
-from nslora.criteria import build_selection, criterion_scores, loss_change, select, should_trigger
+from nslora.selection.criteria import build_selection, criterion_scores, loss_change, select, should_trigger
 from nslora.schemas import SELECTION, to_table
-from nslora.student import Student
+from nslora.selection.student import Student
 
 
 def stats(losses, grads, epoch=1):

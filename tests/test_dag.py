@@ -24,9 +24,9 @@ PROJECT_PACKAGES = ("nslora", "nslora_cli")
 # On the command line but deliberately not tracked: the teacher's reply cache outlives re-runs so
 # that a forced or resumed run repeats no call (dvc.yaml says why).
 UNTRACKED_PATHS = {".nslora/teacher_cache"}
-# Folders a module uses by path rather than by import: evaluation.py points lm-eval at the task
+# Folders a module uses by path rather than by import: the harness points lm-eval at the task
 # YAML in tasks/, whose `!function utils.…` entries import tasks/utils.py.
-USED_BY_PATH = {SRC / "nslora" / "evaluation.py": SRC / "nslora" / "tasks"}
+USED_BY_PATH = {SRC / "nslora" / "evaluation" / "harness.py": SRC / "nslora" / "evaluation" / "tasks"}
 
 
 def module_file(name: str) -> Path | None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, make_examples
 from nslora.config import LoraParams, TrainConfig
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, read_table, write_table
-from nslora.training import init_adapter
+from nslora.numerical.training import init_adapter
 
 pytestmark = pytest.mark.integration
 

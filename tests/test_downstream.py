@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from nslora import prompts
 from nslora.config import EvalConfig, LoraParams, TrainConfig
 from nslora.downstream import markdown_table, paired_arms, run_downstream, to_examples
-from nslora.evaluation import build_lm, run_lm_eval
+from nslora.evaluation.harness import build_lm, run_lm_eval
 from nslora.models import load_tokenizer
 from nslora.schemas import EXAMPLES, REMADE, write_table
-from nslora.training import data_hash, encode
+from nslora.numerical.training import data_hash, encode
 
 EVAL = EvalConfig(batch_size=4, max_new_tokens=8)
 LORA = LoraParams(r=4, alpha=8)

@@ -16,7 +16,7 @@ import torch
 from conftest import make_examples
 from nslora.config import SymbolicConfig
 from nslora.models import materialized
-from nslora.student import Student
+from nslora.selection.student import Student
 from nslora.symbolic import Sample, TextGradRewriter, check_proposal
 from nslora.teacher import CachedTeacher
 from nslora.teacher.local_engine import LocalEngine

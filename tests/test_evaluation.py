@@ -7,10 +7,10 @@ from safetensors.torch import load_file, save_file
 
 from nslora import answers, prompts
 from nslora.config import EvalConfig, LoraParams, TrainConfig
-from nslora.evaluation import adapter_changes_logits, build_lm, evaluate, run_lm_eval
+from nslora.evaluation.harness import adapter_changes_logits, build_lm, evaluate, run_lm_eval
 from nslora.models import load_tokenizer
 from nslora.schemas import EXAMPLES, PREDICTIONS, to_table, write_table
-from nslora.training import encode, init_adapter
+from nslora.numerical.training import encode, init_adapter
 
 EVAL = EvalConfig(batch_size=4, max_new_tokens=8)
 

@@ -8,12 +8,12 @@ from safetensors.torch import load_file
 
 from conftest import make_examples
 from nslora.config import EvalConfig, LoraParams, SymbolicConfig, TrainConfig
-from nslora.evaluation import adapter_changes_logits, evaluate
+from nslora.evaluation.harness import adapter_changes_logits, evaluate
 from nslora.methods import rewrites_questions, symbolic_settings
 from nslora.schemas import EXAMPLES, write_table
-from nslora.student import Student
+from nslora.selection.student import Student
 from nslora.symbolic import CritiqueOnly, TextGradRewriter, optimize_initial_prompt, rewrite_epoch
-from nslora.training import LoraTrainer, init_adapter
+from nslora.numerical.training import LoraTrainer, init_adapter
 from test_symbolic import ScriptedTeacher
 
 PROMPT = "You are a careful assistant. End your answer with '#### ' followed by the final answer."
@@ -87,7 +87,7 @@ def test_two_stage_optimises_the_prompt_before_training(student):
 def test_prefix_generation_matches_the_training_forward(tiny_model_dir, tmp_path):
     """The evaluator generates with a prefix adapter exactly as its training forward scores text
     (greedy tokens equal an uncached argmax loop through peft's forward), batched and left-padded."""
-    from nslora.evaluation import build_lm
+    from nslora.evaluation.harness import build_lm
 
     e0 = init_adapter(tiny_model_dir, make_examples(4), LoraParams(prefix_tokens=4), TrainConfig(batch_size=4),
                       tmp_path / "e0", adapter="prefix")

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import ROOT, make_examples
 from nslora.config import RewardConfig, SymbolicConfig
-from nslora.criteria import criterion_scores, select
+from nslora.selection.criteria import criterion_scores, select
 from nslora.reward import (MINILM_PACKAGE, RewardModel, RewardModelError, embed_pair_texts, fit_reward_model,
                            heldout_ids, make_encoder, preference_pairs, sample_text, split_pairs,
                            train_reward_model)

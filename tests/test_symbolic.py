@@ -17,7 +17,7 @@ import pytest
 from conftest import make_examples
 from nslora.config import SymbolicConfig
 from nslora.schemas import EXAMPLES, REWRITES, to_table
-from nslora.student import Student
+from nslora.selection.student import Student
 from nslora.symbolic import (HintRewriter, Proposal, Sample, TextGradRewriter, check_rewrite,
                              minilm_similarity, rewrite_epoch, solution_steps, update_system_prompt)
 from nslora.teacher import BudgetExhausted, Completion, TeacherError

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT
 from nslora.config import LoraParams, TrainConfig
 from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_table
-from nslora.training import init_adapter
+from nslora.numerical.training import init_adapter
 from openai_server import OpenAIServer, textgrad_teacher_reply
 
 SAMPLES = 4  # selected, answered wrong; one TextGrad iteration = 4 teacher calls each

@@ -29,9 +29,9 @@ from pathlib import Path
 import pandas as pd
 
 from .config import EvalConfig, LoraParams, TrainConfig, to_dict
-from .evaluation import evaluate
+from .evaluation.harness import evaluate
 from .schemas import EXAMPLES, PREDICTIONS, write_table
-from .training import BATCHES_FILE, LoraTrainer, data_hash, init_adapter
+from .numerical.training import BATCHES_FILE, LoraTrainer, data_hash, init_adapter
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def run_downstream(original: pd.DataFrame, remade: pd.DataFrame, test_path: Path
     """Fine-tune `model_dir` with LoRA on the original and on the remade training set, evaluate both.
 
     Each arm: `init_adapter` (same seed, so the same LoRA initialisation), `epochs` LoraTrainer
-    epochs over the same batch plan, then `nslora.evaluation.evaluate` on `test_path` with the same
+    epochs over the same batch plan, then `nslora.evaluation.harness.evaluate` on `test_path` with the same
     system prompt and `eval_cfg`. Adapters and per-question predictions go to `work_dir/<arm>/`.
 
     Args:

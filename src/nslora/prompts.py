@@ -30,7 +30,7 @@ def has_chat_template(tokenizer) -> bool:
 
 # Between the system prompt and the question in the plain layout (no chat template). lm-eval joins
 # its system instruction and the question with nothing in between, so evaluation passes the system
-# prompt with this separator appended (nslora.evaluation): both sides then read the same text.
+# prompt with this separator appended (nslora.evaluation.harness): both sides then read the same text.
 PLAIN_SYSTEM_SEPARATOR = "\n\n"
 
 

@@ -22,7 +22,7 @@ from .checks import Similarity, check_proposal, minilm_similarity
 from .rewriters import Rewriter, Sample
 
 if TYPE_CHECKING:
-    from ..student import Student
+    from ..selection.student import Student
 
 FEEDBACK_SEPARATOR = "\n---\n"  # between the critiques of one sample in the log
 

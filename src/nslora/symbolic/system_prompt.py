@@ -16,7 +16,7 @@ from .rewriters import sample_from_row
 from .textgrad import FORMAT_CONSTRAINT, PROMPT_CONSTRAINTS, SYSTEM_ROLE, TextGradRewriter, _teacher_failure, _textgrad, _tgd_step
 
 if TYPE_CHECKING:
-    from ..student import Student
+    from ..selection.student import Student
 
 # The system-prompt update sees at most this many critiques: a few hundred would overflow the
 # teacher's context, and the common failure modes show up in a handful.

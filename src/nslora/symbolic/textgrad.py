@@ -16,7 +16,7 @@ from ..teacher import BudgetExhausted, Teacher, TeacherError
 from .rewriters import Proposal, Sample
 
 if TYPE_CHECKING:
-    from ..student import Student
+    from ..selection.student import Student
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import EvalConfig
-from .models import END_OF_TURN, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
-from .prompts import has_chat_template, plain_system_instruction
+from ..config import EvalConfig
+from ..models import END_OF_TURN, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
+from ..prompts import has_chat_template, plain_system_instruction
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def write_task_yaml(directory: Path | str, test_path: Path | str, max_new_tokens
     """
     import yaml
 
-    packaged = resources.files("nslora") / "tasks" / f"{TASK_NAME}.yaml"
+    packaged = resources.files("nslora.evaluation") / "tasks" / f"{TASK_NAME}.yaml"
     override = {
         "include": str(packaged),
         "task": TASK_NAME,

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import prompts
-from .models import load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation, stop_token_ids
+from .. import prompts
+from ..models import load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation, stop_token_ids
 
 
 class Student:

@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import prompts
-from .config import LoraParams, TrainConfig, to_dict
+from .. import prompts
+from ..config import LoraParams, TrainConfig, to_dict
+from ..models import load_model, load_tokenizer, resolve_dtype
 from .losses import AnswerLoss
-from .models import load_model, load_tokenizer, resolve_dtype
 from .persample import PerSampleGradNorms
 
 log = logging.getLogger(__name__)

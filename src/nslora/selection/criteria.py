@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .config import SymbolicConfig
+from ..config import SymbolicConfig
 
 
 def criterion_scores(criterion: str, stats: pd.DataFrame, previous: pd.DataFrame | None,
@@ -116,7 +116,7 @@ def build_selection(train: pd.DataFrame, stats: pd.DataFrame, previous: pd.DataF
         (selection, metrics): a schemas.SELECTION table over all samples, and counts for
         metrics/selection/epoch_k.json.
     """
-    from .answers import flexible_extract, is_correct, is_numeric
+    from ..answers import flexible_extract, is_correct, is_numeric
 
     change = loss_change(stats, previous)
     triggered, why = should_trigger(epoch, cfg, change)
