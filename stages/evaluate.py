@@ -8,7 +8,6 @@ with one, it uses the system prompt recorded in the adapter's meta.json (the one
 """
 
 import json
-from pathlib import Path
 
 import click
 import pandas as pd
@@ -17,7 +16,7 @@ from nslora.evaluation.harness import evaluate
 from nslora.schemas import EXAMPLES, PREDICTIONS, read_table, write_table
 from nslora.numerical.training import read_meta
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -43,8 +42,7 @@ def main(params_path, epoch, base_dir, adapter_dir, test_path, metrics_path, pre
         else:
             summary, predictions = {"epoch": epoch, "evaluated": False}, pd.DataFrame(columns=PREDICTIONS.names)
     write_table(predictions, predictions_path, PREDICTIONS)
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(summary, indent=2) + "\n")
+    write_metrics(metrics_path, summary)
     click.echo(json.dumps(summary))
 
 

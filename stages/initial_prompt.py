@@ -13,13 +13,14 @@ from pathlib import Path
 
 import click
 
+from nslora.methods import check_teacher
 from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, read_table, write_table
 from nslora.selection.student import Student
 from nslora.symbolic import TextGradRewriter, optimize_initial_prompt
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -37,9 +38,7 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
         metrics = {"method": params.method, "changed": False}
         start = time.perf_counter()
         if params.method == "two_stage":
-            if params.teacher.engine == "hint":
-                raise ValueError("method=two_stage optimises the prompt from a teacher's critiques: set "
-                                 "teacher.engine to local or openai")
+            check_teacher(params.method, params.teacher.engine, params.symbolic)
             student = Student(base_dir, None, params.model.precision, params.model.attention,
                               batch_size=params.eval.batch_size)
             local_dir = (local_teacher_dir(params.teacher.model, params.model.name, base_dir)
@@ -54,8 +53,7 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
             teacher.close()
         metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_table(train, out_path, EXAMPLES)
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(metrics_path, metrics)
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "teacher"}))
 
 

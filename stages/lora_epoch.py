@@ -6,16 +6,15 @@ Run as: python stages/lora_epoch.py --params params.yaml --epoch 1 --base models
 Several GPUs: accelerate launch --num_processes 4 stages/lora_epoch.py ...  (params: train.launcher)
 """
 
-import dataclasses
 import json
-from pathlib import Path
 
 import click
 
+from nslora.methods import training_settings
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, read_table, write_table
 from nslora.numerical.training import LoraTrainer
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -32,9 +31,7 @@ def main(params_path, epoch, base_dir, prev_dir, train_path, out_dir, stats_path
     with user_errors():
         params = load_params(params_path)
         train_df = read_table(train_path, EXAMPLES)
-        train = params.train
-        if params.method == "prefix":  # the baseline gets its own, much larger, learning rate
-            train = dataclasses.replace(train, lr=params.lora.prefix_lr)
+        train = training_settings(params.method, params.train, params.lora.prefix_lr)
         trainer = LoraTrainer(base_dir, prev_dir, train, precision=params.model.precision,
                               attention=params.model.attention)
         stats = trainer.run_epoch(train_df, epoch)
@@ -49,8 +46,7 @@ def main(params_path, epoch, base_dir, prev_dir, train_path, out_dir, stats_path
         trainer.save(out_dir, epoch=epoch, train_df=train_df, extra={"summary": summary})
         if trainer.accelerator.is_main_process:
             write_table(stats, stats_path, SAMPLE_STATS)
-            Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(metrics_path).write_text(json.dumps(summary, indent=2) + "\n")
+            write_metrics(metrics_path, summary)
             click.echo(json.dumps(summary))
 
 

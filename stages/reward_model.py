@@ -1,4 +1,5 @@
-"""Train the reward classifier on this run's criteria logs (DESIGN.md, "Reward classifier").
+"""Train the reward classifier on this run's criteria logs (README: "Baselines, the reward classifier
+and the comparison").
 
 Run as: python stages/reward_model.py --params params.yaml --selection-dir data/selection \
             --train-dir data/train --base models/base --out models/reward --metrics metrics/reward.json
@@ -18,7 +19,7 @@ import click
 from nslora.reward import TooFewPairs, fit_reward_model
 from nslora.schemas import EXAMPLES, SELECTION, read_table
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import StageError, setup_logging, user_errors
+from nslora_cli.stage import StageError, setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -52,8 +53,7 @@ def main(params_path, selection_dir, train_dir, base_dir, out_dir, metrics_path)
     metrics = {"encoder": params.reward.encoder, "trained": model is not None,
                **({"head": model.meta["head"]["kind"], **model.metrics} if model else {}),
                "seconds": round(time.monotonic() - start, 1)}
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(metrics_path, metrics)
     click.echo(json.dumps(metrics))
 
 

@@ -18,7 +18,7 @@ from nslora.reward import RewardModel
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, SELECTION, read_table, write_table
 from nslora.selection.student import Student
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -57,8 +57,7 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, stats_path, prev
                                              seed=params.train.seed, epoch=epoch, make_student=student,
                                              reward=reward)
     write_table(selection, out_path, SELECTION)
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(metrics_path, metrics)
     click.echo(json.dumps(metrics))
 
 

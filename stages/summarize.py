@@ -11,7 +11,7 @@ import click
 
 from nslora.reporting import accuracy_curve, headline, plot_curve
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -33,7 +33,7 @@ def main(params_path, evals_dir, out_path, curve_path, plot_path):
     curve.to_csv(curve_path, index=False)
     plot_curve(curve, plot_path)
     summary = headline(curve)
-    Path(out_path).write_text(json.dumps(summary, indent=2) + "\n")
+    write_metrics(out_path, summary)
     click.echo(json.dumps(summary))
 
 

@@ -18,11 +18,11 @@ import click
 from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_table
 from nslora.selection.student import Student
-from nslora.methods import rewrites_questions, symbolic_settings
-from nslora.symbolic import CritiqueOnly, HintRewriter, TextGradRewriter, rewrite_epoch
+from nslora.methods import check_teacher, engine_name, make_rewriter, symbolic_settings
+from nslora.symbolic import rewrite_epoch
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -44,9 +44,7 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
     with user_errors():
         params = load_params(params_path)
         cfg, engine = symbolic_settings(params.method, params.symbolic), params.teacher.engine
-        if engine == "hint" and not rewrites_questions(params.method) and cfg.trigger != "never":
-            raise ValueError(f"method={params.method} refines the system prompt from a teacher's critiques: "
-                             "set teacher.engine to local or openai (hint has no critiques)")
+        check_teacher(params.method, engine, cfg)
         train = read_table(train_path, EXAMPLES)
         selection = read_table(selection_path, SELECTION)
         work = selection[selection["selected"] & ~selection["correct"]]
@@ -54,17 +52,13 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
         if len(work) or cfg.update_system_prompt and selection["selected"].any():
             student = Student(base_dir, adapter_dir, params.model.precision, params.model.attention,
                               batch_size=params.eval.batch_size)
-            if engine == "hint":
-                rewriter = HintRewriter()
-            else:
+            if engine != "hint":
                 local_dir = (local_teacher_dir(params.teacher.model, params.model.name, base_dir)
                              if engine == "local" else None)
                 teacher = make_teacher(params.teacher, cache_dir, local_model_dir=local_dir,
                                        precision=params.model.precision)
-                rewriter = TextGradRewriter(teacher, student, cfg)
-                if not rewrites_questions(params.method):
-                    rewriter = CritiqueOnly(rewriter)
-        name = engine if engine == "hint" else f"{engine}:{params.teacher.model}"
+            rewriter = make_rewriter(params.method, teacher, student, cfg)
+        name = engine_name(engine, params.teacher.model)
         result = rewrite_epoch(train, selection, rewriter, student, epoch, cfg,
                                concurrency=params.teacher.concurrency, engine_name=name, budget=teacher)
     metrics = {**result.metrics, "engine": name, "teacher": teacher.stats() if teacher else {"calls": 0},
@@ -75,8 +69,7 @@ def main(params_path, epoch, base_dir, adapter_dir, train_path, selection_path, 
     write_table(result.log, log_path, REWRITES)
     Path(system_prompt_out).parent.mkdir(parents=True, exist_ok=True)
     Path(system_prompt_out).write_text(result.system_prompt + "\n")
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(metrics_path, metrics)
     click.echo(json.dumps({k: metrics[k] for k in ("epoch", "selected", "incorrect", "accepted", "engine")}))
 
 

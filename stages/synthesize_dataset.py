@@ -14,10 +14,11 @@ from pathlib import Path
 
 import click
 
+from nslora.methods import engine_name
 from nslora.remade import SOURCE_LICENSES, rewrite_counts, synthesize
 from nslora.schemas import EXAMPLES, REMADE, REWRITES, read_table, write_table
 from nslora_cli.params_file import load_params
-from nslora_cli.stage import setup_logging, user_errors
+from nslora_cli.stage import setup_logging, user_errors, write_metrics
 
 
 @click.command()
@@ -36,9 +37,7 @@ def main(params_path, train_dir, rewrites_dir, out_path, card_path, metrics_path
         last = params.last_epoch
         final_train = read_table(train_dir / f"epoch_{last}.parquet", EXAMPLES)
         logs = [read_table(rewrites_dir / f"epoch_{k}.parquet", REWRITES) for k in range(1, last + 1)]
-        engine = params.teacher.engine
-        # The same engine name symbolic_rewrite records in rewrite_engine.
-        teacher = engine if engine == "hint" else f"{engine}:{params.teacher.model}"
+        teacher = engine_name(params.teacher.engine, params.teacher.model)  # as in rewrite_engine
         table, card = synthesize(final_train, logs, criterion=params.criteria, teacher=teacher,
                                  method=params.method,
                                  source_license=SOURCE_LICENSES[params.data.source])
@@ -50,8 +49,7 @@ def main(params_path, train_dir, rewrites_dir, out_path, card_path, metrics_path
     metrics = {"rows": len(table), "rewritten": rewritten,
                "fraction": round(rewritten / len(table), 6) if len(table) else 0.0,
                "attempted": counts["attempted"], "rejected": counts["rejected"]}
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(metrics_path, metrics)
     click.echo(json.dumps(metrics))
 
 

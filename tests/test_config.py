@@ -56,6 +56,7 @@ def test_real_params_yaml_loads_and_every_key_has_help():
     (lambda p: p["teacher"].update(concurrency=0), "teacher.concurrency: got 0, must be >= 1"),
     (lambda p: p["eval"].update(limit=0), "eval.limit: got 0, must be >= 1"),
     (lambda p: p["reward"].update(holdout_fraction=1), "reward.holdout_fraction: got 1.0, must be within (0, 1)"),
+    (lambda p: p.update(criteria="reward"), "reward.path: criteria=reward ranks samples with a published reward model"),
     # The launcher reaches the shell: a program and options, nothing the shell interprets.
     (lambda p: p["train"].update(launcher="python; rm -rf ~"), "train.launcher: got 'python; rm -rf ~', must be a launcher"),
     (lambda p: p["train"].update(launcher="accelerate launch $(id)"), "train.launcher: got 'accelerate launch $(id)'"),

@@ -243,7 +243,7 @@ class RewardConfig:
     seed: int = _help("Seed for pair sampling, the split and the head's initialisation.", 0)
     path: str | None = _help(
         "criteria=reward: directory of a published reward model (made by the reward_model stage of "
-        "an earlier experiment and published with `nslora reward publish`).", None)
+        "an earlier experiment and published with `nslora publish-reward`).", None)
 
 
 METHODS = ("nslora", "lora", "prefix", "two_stage", "lora_sysprompt")
@@ -399,6 +399,9 @@ def parse_params(mapping: dict) -> Params:
     method = mapping.get("method", Params.method)
     if method not in METHODS:
         raise ParamsError(f"method: got {method!r}, expected one of {', '.join(METHODS)}")
+    if criteria == "reward" and not sections["reward"].path:
+        raise ParamsError("reward.path: criteria=reward ranks samples with a published reward model; set "
+                          "reward.path to its directory (`nslora publish-reward models/reward <dir>` after a run)")
     return Params(**sections, criteria=criteria, method=method, epochs=epochs)
 
 

@@ -8,7 +8,7 @@ selects with `criteria: reward` and `reward.path` pointing at the saved director
     model.save("models/reward")                     # or all of it: fit_reward_model(...)
     reward = RewardModel.load("models/reward").score(train, "models/base")   # Series by id
 
-Orientation (DESIGN.md): criteria give *lower* scores to samples that should get symbolic updates.
+Orientation: criteria give *lower* scores to samples that should get symbolic updates.
 A pair's "plus" side is the sample with the lower score, its "minus" side the higher one, and the
 head is trained with the Bradley-Terry loss -log sigma(r(plus) - r(minus)): **higher reward = more
 like the symbolically-updated samples**. In the paper's notation (+ = the higher-criteria sample)

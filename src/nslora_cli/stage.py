@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from contextlib import contextmanager
 
 import click
@@ -33,3 +34,15 @@ def user_errors():
     # ValueErrors; naming them here would make every stage import (and depend on) their modules.
     except (FileNotFoundError, ValueError) as err:
         raise StageError(" ".join(str(err).split())) from err
+
+
+def write_metrics(path, metrics: dict) -> None:
+    """A stage's metrics JSON (indented, as `dvc metrics show` and people read it), written whole
+    or not at all: a killed stage never leaves a truncated file for DVC to pick up."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
