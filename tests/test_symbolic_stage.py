@@ -138,7 +138,8 @@ def test_openai_path_end_to_end_with_transformers_serve(inputs, transformers_ser
     nonsense, so every rewrite is refused for a recorded reason and the originals are kept."""
     server = type("Serve", (), {"base_url": transformers_serve})()
     _, metrics = run_stage(inputs, server, tmp_path / "run", tmp_path / "cache",
-                           model=str(inputs["model"]), max_tokens=24)
+                           model=str(inputs["model"]), max_tokens=24,
+                           timeout=60.0)  # a real server on a busy machine, not the 2 s of the fault tests
     teacher = metrics["teacher"]
     assert teacher["calls"] > 0 and teacher["completion_tokens"] > 0
     # A random model sometimes says nothing at all: an empty reply is retried, then recorded.
