@@ -216,6 +216,7 @@ def test_embedded_gemma_is_a_plain_base_model_with_bos():
 
 
 
+@pytest.mark.integration
 def test_cli_downstream_writes_json_and_table(tiny_model_dir, examples, tmp_path):
     """`nslora downstream` on a local model directory (used in place, not materialised again)."""
     import yaml

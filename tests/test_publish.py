@@ -308,6 +308,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.integration
 def test_publish_push_then_pull_in_a_fresh_clone_and_dvc_get(tmp_path):
     """dvc repro -> dvc push to a local remote -> git clone + dvc pull, and dvc get: same bytes."""
     repo = tmp_path / "repo"

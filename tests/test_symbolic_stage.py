@@ -19,6 +19,9 @@ from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_tabl
 from nslora.numerical.training import init_adapter
 from openai_server import OpenAIServer, textgrad_teacher_reply
 
+# Runs the stage script as a subprocess against real servers.
+pytestmark = pytest.mark.integration
+
 SAMPLES = 4  # selected, answered wrong; one TextGrad iteration = 4 teacher calls each
 CALLS = 4 * SAMPLES
 

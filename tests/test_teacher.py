@@ -363,6 +363,7 @@ def test_urls_and_retry_after_parsing():
     assert retry_after_seconds({}) is None and retry_after_seconds({"retry-after": "soon"}) is None
 
 
+@pytest.mark.integration
 def test_transformers_serve_end_to_end(transformers_serve, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("NSLORA_TEST_UNSET", raising=False)
     # The server only answers to the model name exactly as on its command line.
