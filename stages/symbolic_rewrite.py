@@ -18,8 +18,8 @@ import click
 from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, REWRITES, SELECTION, read_table, write_table
 from nslora.selection.student import Student
-from nslora.methods import check_teacher, engine_name, make_rewriter, symbolic_settings
-from nslora.symbolic import rewrite_epoch
+from nslora.methods import check_teacher, engine_name, symbolic_settings
+from nslora.symbolic import make_rewriter, rewrite_epoch
 from nslora.teacher import make_teacher
 from nslora_cli.params_file import load_params
 from nslora_cli.stage import setup_logging, user_errors, write_metrics

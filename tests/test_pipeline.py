@@ -108,6 +108,17 @@ def test_dvc_repro_tiny_configuration(tiny_model_dir, tmp_path):
         assert "Data and pipelines are up to date" in again.stdout
         assert time.perf_counter() - start < 5
 
+        # Editing the symbolic update's code makes exactly the stages that run it stale (DVC's own
+        # view), and a repro re-runs them from the teacher cache and nothing before them.
+        checks = repo / "src" / "nslora" / "symbolic" / "checks.py"
+        checks.write_text(checks.read_text() + "\n# an edit\n")
+        stale = set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
+        assert stale == {"initial_prompt", "symbolic_rewrite@1", "symbolic_rewrite@2"}, stale
+        edited = run(["dvc", "repro"], repo)
+        assert "Running stage 'symbolic_rewrite@1'" in edited.stdout and server.count == calls
+        for before in ("prepare", "materialize_model", "lora_epoch@1", "score_criteria@1", "evaluate_base"):
+            assert f"Running stage '{before}'" not in edited.stdout
+
         # Forcing the rewrite again with the cache warm makes no teacher call.
         forced = run(["dvc", "repro", "-f", "-s", "symbolic_rewrite@1"], repo)
         assert "Running stage 'symbolic_rewrite@1'" in forced.stdout and server.count == calls

@@ -56,13 +56,3 @@ def training_settings(method: str, train: TrainConfig, prefix_lr: float) -> Trai
     (`lora.prefix_lr`)."""
     return replace(train, lr=prefix_lr) if method == "prefix" else train
 
-
-def make_rewriter(method: str, teacher, student, cfg: SymbolicConfig):
-    """The rewriter of `method`: hints from the gold solution without a teacher, TextGrad with one;
-    for methods that never rewrite questions, only TextGrad's critiques (for the system prompt)."""
-    from .symbolic import CritiqueOnly, HintRewriter, TextGradRewriter
-
-    if teacher is None:
-        return HintRewriter()
-    rewriter = TextGradRewriter(teacher, student, cfg)
-    return rewriter if rewrites_questions(method) else CritiqueOnly(rewriter)

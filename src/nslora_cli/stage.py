@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 

@@ -24,6 +24,7 @@ id order before it starts (a whole attempt each); samples the budget cannot fund
 questions, and the outcome is the same at any concurrency and after a kill and resume.
 """
 
+from ..methods import rewrites_questions
 from .checks import check_proposal, check_rewrite, minilm_similarity, numbers
 from .epoch import EpochRewrite, rewrite_epoch
 from .rewriters import HintRewriter, Proposal, Rewriter, Sample, sample_from_row, solution_steps
@@ -33,4 +34,15 @@ from .textgrad import CritiqueOnly, TextGradRewriter, call_kind
 __all__ = ["CritiqueOnly", "EpochRewrite", "HintRewriter", "Proposal", "Rewriter", "Sample", "TextGradRewriter",
            "call_kind", "check_proposal", "check_rewrite", "minilm_similarity", "numbers",
            "optimize_initial_prompt", "rewrite_epoch", "sample_from_row", "solution_steps",
-           "update_system_prompt"]
+           "update_system_prompt", "make_rewriter"]
+
+
+def make_rewriter(method: str, teacher, student, cfg):
+    """The rewriter of `method`: hints from the gold solution without a teacher, TextGrad with one;
+    for methods that never rewrite questions, only TextGrad's critiques (for the system prompt).
+    (Here rather than in methods.py: every stage imports methods, and only the symbolic ones may
+    depend on this package.)"""
+    if teacher is None:
+        return HintRewriter()
+    rewriter = TextGradRewriter(teacher, student, cfg)
+    return rewriter if rewrites_questions(method) else CritiqueOnly(rewriter)
