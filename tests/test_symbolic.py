@@ -92,6 +92,7 @@ def student(tiny_model_dir):
     ("How many legs do 3 chickens and 2 dogs have? (It is 14.)", "answer_leaked"),
     ("How many legs do 3 chickens and 2 dogs have? 3 + 2 = 5. #### 5", "states_an_answer"),
     ("How many legs do 3 chickens, 2 dogs and 1 cat have?", "numbers_added"),  # another problem
+    ("How many legs do 3 chickens, 2 dogs and 3 cats have?", "numbers_added"),  # a number used again
     ("Count the legs: 3 chickens (2 legs each) and 2 dogs (4 legs each).", "numbers_added"),
     ("Count the legs of 3 chickens and 2 dogs: add up the legs of every animal.", None),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 from ..answers import is_numeric, normalize
@@ -33,6 +34,11 @@ def _number_key(text: str) -> str:
 def numbers(text: str) -> set[str]:
     """The (unsigned) numbers in `text`, normalised with `_number_key`."""
     return {_number_key(m) for m in NUMBER.findall(text)}
+
+
+def number_counts(text: str) -> Counter:
+    """How often each number occurs in `text` (normalised with `_number_key`)."""
+    return Counter(_number_key(m) for m in NUMBER.findall(text))
 
 
 def _mentions_answer(text: str, final_answer: str) -> bool:
@@ -85,7 +91,9 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
         return "answer_leaked"
     if ANSWER_LINE.search(rewritten) and not ANSWER_LINE.search(original):
         return "states_an_answer"
-    if not may_add_numbers and not numbers(rewritten) <= numbers(original):
+    # Counted, not only as a set: the 1.5B teacher turned "3 cats, 3 spiders" into "3 cats,
+    # 3 spiders, and 3 dogs", another problem whose numbers were all in the original.
+    if not may_add_numbers and number_counts(rewritten) - number_counts(original):
         return "numbers_added"
     if similarity is not None and cfg.similarity_threshold is not None:
         if similarity(original, rewritten) < cfg.similarity_threshold:
