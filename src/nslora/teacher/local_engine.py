@@ -7,6 +7,7 @@ prefixes' KV caches and decoding with int8 weight copies on a CPU.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -67,14 +68,6 @@ def use_int8_decode(model: torch.nn.Module, max_rows: int = 16) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(parent, name, Int8DecodeLinear(child, max_rows))
-
-
-def _common_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass
@@ -214,7 +207,8 @@ class LocalEngine:
                 deadline = time.monotonic() + self.gather_seconds
                 while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._wake.wait(left)
-                # Similar lengths together: left padding costs prefill compute.
+                # Similar lengths together: less padding (prefill itself, with the prefix cache
+                # on, runs one prompt at a time).
                 self._queue.sort(key=lambda p: len(p.ids))
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
             try:
@@ -269,7 +263,7 @@ class LocalEngine:
         key = tuple(ids)
         shared, source = 0, None
         for stored_ids, stored in self._prefixes.items():
-            n = _common_prefix_length(stored_ids, key)
+            n = len(os.path.commonprefix([stored_ids, key]))  # works on any sequences
             if n > shared:
                 shared, source = n, stored_ids
         if source is None:
