@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from nslora.methods import check_teacher
+from nslora.methods import METHODS, check_teacher
 from nslora.models import local_teacher_dir
 from nslora.schemas import EXAMPLES, read_table, write_table
 from nslora.selection.student import Student
@@ -37,7 +37,7 @@ def main(params_path, base_dir, train_path, cache_dir, out_path, metrics_path):
         train = read_table(train_path, EXAMPLES)
         metrics = {"method": params.method, "changed": False}
         start = time.perf_counter()
-        if params.method == "two_stage":
+        if METHODS[params.method].prompt_before_training:
             check_teacher(params.method, params.teacher.engine, params.symbolic)
             student = Student(base_dir, None, params.model.precision, params.model.attention,
                               batch_size=params.eval.batch_size)

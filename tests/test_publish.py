@@ -41,7 +41,8 @@ STANZA = """\
       --metrics metrics/remade.json
     deps:
       - stages/synthesize_dataset.py
-      - src/nslora/remade.py
+      - src/nslora/remade
+      - src/nslora/answers.py
       - src/nslora/schemas.py
       - data/train
       - data/rewrites

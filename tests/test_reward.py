@@ -18,8 +18,9 @@ import yaml
 from conftest import ROOT, make_examples
 from nslora.config import RewardConfig, SymbolicConfig
 from nslora.selection.criteria import criterion_scores, select
-from nslora.reward import (MINILM_PACKAGE, RewardModel, RewardModelError, embed_pair_texts, fit_reward_model,
-                           heldout_ids, make_encoder, preference_pairs, sample_text, split_pairs,
+from nslora.encoders import MINILM_PACKAGE, make_encoder
+from nslora.reward import (RewardModel, RewardModelError, embed_pair_texts, fit_reward_model,
+                           heldout_ids, preference_pairs, sample_text, split_pairs,
                            train_reward_model)
 from nslora.schemas import EXAMPLES, SELECTION, write_table
 from tiny import build_tiny_model
@@ -96,10 +97,10 @@ def test_pairs_are_seeded_capped_unique_and_independent_of_row_order():
 
 
 def test_pairs_of_large_runs_are_drawn_without_listing_them(monkeypatch):
-    import nslora.reward
+    import nslora.reward.pairs
 
     logs, trains = run_log()
-    monkeypatch.setattr(nslora.reward, "ENUMERATE_LIMIT", 0)
+    monkeypatch.setattr(nslora.reward.pairs, "ENUMERATE_LIMIT", 0)
     pairs = preference_pairs(logs, trains, n_pairs=300, seed=0)
     assert len(pairs) == 300 and (pairs["score_plus"] < pairs["score_minus"]).all()
     assert not pairs.duplicated(["epoch", "id_plus", "id_minus"]).any()

@@ -19,6 +19,11 @@ def is_numeric(answer: str) -> bool:
     return bool(re.fullmatch(r"-?[0-9][0-9,]*(\.[0-9]+)?", answer.strip()))
 
 
+def squash_spaces(text: object) -> str:
+    """The text with every run of whitespace made one space: how rewrites are compared and shown."""
+    return " ".join(str(text).split())
+
+
 def normalize(text: str) -> str:
     """lm-eval's exact_match preprocessing for GSM8K: drop ',', '$', a trailing '.', lowercase."""
     text = re.sub(r"(?s).*#### ", "", text)

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .methods import METHODS
+
 
 class ParamsError(ValueError):
     """A params mapping that does not fit the schema; the message names the key and the fix."""
@@ -246,8 +248,6 @@ class RewardConfig:
         "an earlier experiment and published with `nslora publish-reward`).", None)
 
 
-METHODS = ("nslora", "lora", "prefix", "two_stage", "lora_sysprompt")
-
 
 @dataclass(frozen=True)
 class EpochEntry:
@@ -268,9 +268,7 @@ class Params:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     method: str = field(default="nslora", metadata={
-        "help": "nslora (LoRA + symbolic updates), lora (numerical only), prefix (peft prefix-tuning), "
-                "two_stage (optimise the system prompt with TextGrad first, then LoRA), lora_sysprompt "
-                "(LoRA, then system-prompt refinement instead of question rewrites)"})
+        "help": "; ".join(f"{name}: {m.description}" for name, m in METHODS.items())})
     epochs: dict = field(
         default_factory=lambda: {1: EpochEntry(prev=0), 2: EpochEntry(prev=1)},
         metadata={"help": "Epoch stages: '<k>': {prev: k-1, evaluate: bool}, k = 1..N."},

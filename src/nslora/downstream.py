@@ -30,7 +30,8 @@ import pandas as pd
 
 from .config import EvalConfig, LoraParams, TrainConfig, to_dict
 from .evaluation.harness import evaluate
-from .schemas import EXAMPLES, PREDICTIONS, write_table
+from .models import model_source
+from .schemas import EXAMPLES, PREDICTIONS, system_prompt_of, write_table
 from .numerical.training import BATCHES_FILE, LoraTrainer, data_hash, init_adapter
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,7 @@ def paired_arms(original: pd.DataFrame, remade: pd.DataFrame, system_prompt: str
                 "would not learn the same targets"
             )
     if system_prompt is None:
-        prompts_used = original["system_prompt"].unique()
-        if len(prompts_used) != 1:
-            raise ValueError(f"the original set carries {len(prompts_used)} system prompts; pass one")
-        system_prompt = str(prompts_used[0])
+        system_prompt = system_prompt_of(original, "the original set")
     replaced = bool((remade["system_prompt"] != system_prompt).any())
     original = original.assign(system_prompt=system_prompt)
     remade = remade.assign(system_prompt=system_prompt)
@@ -283,9 +281,8 @@ def run_downstream(original: pd.DataFrame, remade: pd.DataFrame, test_path: Path
     arms["remade"], predictions["remade"] = _train_and_evaluate(
         "remade", remade_examples, work_dir / "original" / "adapter_0", **common)
     paired = paired_difference(predictions["original"], predictions["remade"])
-    source = model_dir / "nslora_source.json"
     result = {
-        "model": json.loads(source.read_text()) if source.exists() else {"name": str(model_dir)},
+        "model": model_source(model_dir),
         "model_dir": str(model_dir),
         "test": str(test_path),
         "data": info,

@@ -271,6 +271,13 @@ def materialized(name: str, revision: str | None = None, trust_remote_code: bool
     return materialize(name, out, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
+def model_source(model_dir: Path | str) -> dict:
+    """Where a model directory's weights came from: its nslora_source.json, or its path when the
+    directory was not materialised by nslora."""
+    source = Path(model_dir) / "nslora_source.json"
+    return json.loads(source.read_text()) if source.exists() else {"name": str(model_dir)}
+
+
 def local_teacher_dir(teacher: str, base_name: str, base_dir: Path | str) -> Path:
     """The HF directory of a local teacher: the base model's own directory when the teacher is the
     base model, otherwise a copy materialised once in bf16: the teacher only generates, so float32

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nslora.methods import METHODS
 from nslora.reporting import save_figure
 
 GROUP = ["method", "criteria", "engine"]
@@ -30,7 +31,10 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-SYMBOLIC_METHODS = ("nslora", "nslora_sysprompt", "lora_sysprompt")
+# The report's rows: the pipeline's methods, and nslora_sysprompt (nslora with
+# symbolic.update_system_prompt, the paper's last row).
+GRID_METHODS = (*METHODS, "nslora_sysprompt")
+SYMBOLIC_METHODS = (*(name for name, m in METHODS.items() if m.symbolic_epochs), "nslora_sysprompt")
 # Rows compared with LoRA question by question (their final-epoch predictions are needed).
 PAIRED_METHODS = ("lora", *SYMBOLIC_METHODS)
 
@@ -225,8 +229,6 @@ def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
     fig.suptitle("Accuracy per epoch (mean over seeds, shaded min-max)")
     return save_figure(fig, path)
 
-
-GRID_METHODS = ("nslora", "lora", "prefix", "two_stage", "lora_sysprompt", "nslora_sysprompt")
 
 
 def experiment_grid(methods: list[str], criteria: list[str], engines: list[str], seeds: list[int]) -> list[dict]:

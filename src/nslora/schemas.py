@@ -144,6 +144,15 @@ def _check(table: pa.Table, schema: pa.Schema, path: Path | str) -> None:
             raise SchemaError(f"{path}: row {row}: column '{f.name}' is empty (null).")
 
 
+def system_prompt_of(table: pd.DataFrame, what: str = "the training table") -> str:
+    """The one system prompt of a training table ("" when it has no rows). Every row carries it, so
+    a table stays self-contained; the pipeline always writes the same prompt into every row."""
+    prompts = table["system_prompt"].unique()
+    if len(prompts) > 1:
+        raise ValueError(f"{what} carries {len(prompts)} different system prompts; a training table has one")
+    return str(prompts[0]) if len(prompts) else ""
+
+
 def require_columns(df: pd.DataFrame, schema: pa.Schema, what: str) -> None:
     """Check that an in-memory table has every column of `schema` (extra columns are allowed)."""
     missing = [n for n in schema.names if n not in df.columns]

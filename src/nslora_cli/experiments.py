@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from nslora.config import CRITERIA, METHODS
+from nslora.config import CRITERIA
+from nslora.methods import METHODS
 from nslora.report import (GRID_METHODS, PAIRED_METHODS, differences_from_lora, experiment_grid, markdown_table,
                            plot_epochs, runs_from_exp_show, summarize_runs)
 

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..config import LoraParams, TrainConfig, to_dict
-from ..models import load_model, load_tokenizer, resolve_dtype
+from ..models import load_model, load_tokenizer, model_source, resolve_dtype
+from ..schemas import system_prompt_of
 from .losses import AnswerLoss
 from .persample import PerSampleGradNorms
 
@@ -240,10 +241,10 @@ def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
     torch.save({"optimizer": None, "step": 0, "rng": rng_state()}, tmp / STATE_FILE)
     meta = {
         "epoch": 0,
-        "base_model": _base_source(base_dir),
+        "base_model": {**model_source(base_dir), "dir": str(base_dir)},
         "seed": train.seed,
         "data_sha256": data_hash(train_df),
-        "system_prompt": _system_prompt(train_df),
+        "system_prompt": system_prompt_of(train_df),
         "adapter": adapter,
         "lora": to_dict(lora),
         "samples": len(samples),
@@ -253,20 +254,6 @@ def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     _publish(tmp, out_dir)
     return out_dir
-
-
-def _base_source(base_dir: Path) -> dict:
-    source = base_dir / "nslora_source.json"
-    info = json.loads(source.read_text()) if source.exists() else {"name": str(base_dir)}
-    return {**info, "dir": str(base_dir)}
-
-
-def _system_prompt(train_df: pd.DataFrame) -> str:
-    prompts_used = train_df["system_prompt"].unique()
-    if len(prompts_used) != 1:
-        log.warning("training data carries %d different system prompts; meta.json records the first",
-                    len(prompts_used))
-    return str(prompts_used[0]) if len(prompts_used) else ""
 
 
 def _record(sample: EncodedSample, epoch: int, batch_index: int, loss: float, grad_norm: float) -> dict:
@@ -436,7 +423,7 @@ class LoraTrainer:
             **self.meta,
             "epoch": epoch,
             "data_sha256": data_hash(train_df),
-            "system_prompt": _system_prompt(train_df),
+            "system_prompt": system_prompt_of(train_df),
             "step": self.step,
             "precision": str(self.dtype).replace("torch.", ""),
             "processes": acc.num_processes,

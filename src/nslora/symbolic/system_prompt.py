@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ..answers import is_right
+from ..answers import is_right, squash_spaces
 from ..config import SymbolicConfig
+from ..schemas import system_prompt_of
 from ..teacher import Teacher, TeacherError
-from .checks import _squash
 from .rewriters import sample_from_row
 from .textgrad import FORMAT_CONSTRAINT, PROMPT_CONSTRAINTS, SYSTEM_ROLE, TextGradRewriter, _teacher_failure, _textgrad, _tgd_step
 
@@ -34,7 +34,7 @@ def optimize_initial_prompt(train: pd.DataFrame, rewriter: TextGradRewriter, stu
         (the training table with the final prompt in every row, metrics).
     """
     picked = train.sample(n=min(samples, len(train)), random_state=seed).sort_values("id")
-    prompt = str(train["system_prompt"].iloc[0])
+    prompt = system_prompt_of(train)
     rounds = []
     for _ in range(cfg.max_iters):
         outputs = student.answer(prompt, picked["question"].tolist(), cfg.student_max_new_tokens, progress=progress)
@@ -54,7 +54,7 @@ def optimize_initial_prompt(train: pd.DataFrame, rewriter: TextGradRewriter, stu
     out = train.copy()
     out["system_prompt"] = prompt
     return out, {"samples": len(picked), "rounds": rounds, "system_prompt": prompt,
-                 "changed": prompt != str(train["system_prompt"].iloc[0])}
+                 "changed": prompt != system_prompt_of(train)}
 
 
 def update_system_prompt(teacher: Teacher, system_prompt: str, feedback: list[str],
@@ -100,7 +100,7 @@ def update_system_prompt(teacher: Teacher, system_prompt: str, feedback: list[st
 def _check_system_prompt(old: str, new: str, cfg: SymbolicConfig) -> str | None:
     if not new.strip():
         return "empty"
-    if _squash(new) == _squash(old):
+    if squash_spaces(new) == squash_spaces(old):
         return "unchanged"
     if len(new.strip()) > cfg.max_length_ratio * max(len(old.strip()), 1):
         return "too_long"

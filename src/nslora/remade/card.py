@@ -1,25 +1,14 @@
-"""The remade dataset: the training set after the last symbolic update, with its dataset card.
-
-`synthesize` turns the last epoch's EXAMPLES table (`data/train/epoch_N.parquet`) and the per-epoch
-REWRITES logs (`data/rewrites/epoch_k.parquet`) into a table of schema `nslora.schemas.REMADE` and a
-Hugging Face style dataset card (Markdown with YAML front matter). The stage
-`stages/synthesize_dataset.py` writes both to `data/remade/`; DVC versions and publishes them:
-
-    table, card = synthesize(final_train, [log_1, log_2], criterion="loss_ratio",
-                             teacher="openai:gpt-4o", method="nslora",
-                             source_license=SOURCE_LICENSES["gsm8k"])
-    write_table(table, "data/remade/train.parquet", REMADE)
-
-The gold answers are never rewritten: only questions (and maybe the system prompt) change, so the
-remade set fine-tunes other models on the same targets with clearer questions.
-"""
+"""The remade dataset's card: Hugging Face style Markdown with YAML front matter (licence,
+sizes, task categories), what each column holds, and how the set was made."""
 
 from __future__ import annotations
 
 import pandas as pd
 import yaml
 
-from nslora.schemas import EXAMPLES, REMADE, REWRITES, require_columns
+from nslora.methods import METHODS
+from nslora.answers import squash_spaces
+from nslora.schemas import REMADE
 
 # Licence of each `data.source` (params.yaml), as Hugging Face / SPDX licence identifiers. The
 # remade dataset is a derivative of its source, so it carries the source's licence.
@@ -67,101 +56,6 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
                       "`max_iters`; '' if not rewritten",
 }
 
-METHOD_DESCRIPTIONS: dict[str, str] = {
-    "nslora": "neurosymbolic LoRA: LoRA epochs interleaved with TextGrad rewrites of the questions "
-              "the student still got wrong",
-    "lora": "LoRA only (no symbolic update: the questions are the source's)",
-    "prefix": "peft prefix-tuning only (no question rewrites)",
-    "two_stage": "one system prompt optimised with TextGrad, then LoRA",
-    "lora_sysprompt": "LoRA, then system-prompt refinement instead of question rewrites",
-}
-
-
-def _squash(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def rewrite_counts(rewrites: list[pd.DataFrame]) -> dict:
-    """Count rewrite attempts over the per-epoch REWRITES logs.
-
-    Args:
-        rewrites: `rewrites[k-1]` is epoch k's log (schema REWRITES, possibly empty).
-
-    Returns:
-        dict with attempted, accepted, rejected (totals over epochs; a sample attempted in two
-        epochs counts twice), student_correct_after, rejected_by_reason, accepted_by_outcome
-        ({'correct': n, 'max_iters': m}) and per_epoch (a list of {epoch, attempted, accepted,
-        rejected}).
-
-    Raises:
-        ValueError: a log lacks REWRITES columns, or holds rows of another epoch than its position.
-    """
-    per_epoch, logs = [], []
-    for k, log in enumerate(rewrites, start=1):
-        require_columns(log, REWRITES, f"rewrites log of epoch {k}")
-        other = sorted(set(log["epoch"].astype(int)) - {k})
-        if other:
-            raise ValueError(f"rewrites log of epoch {k} holds rows of epoch(s) {other}: pass the "
-                             "logs of epochs 1..N in order")
-        accepted = int(log["accepted"].astype(bool).sum())
-        per_epoch.append({"epoch": k, "attempted": len(log), "accepted": accepted,
-                          "rejected": len(log) - accepted})
-        logs.append(log)
-    every = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=REWRITES.names)
-    ok = every["accepted"].astype(bool)
-
-    def counts(series: pd.Series) -> dict[str, int]:
-        return {str(k): int(v) for k, v in series.value_counts().sort_index().items()}
-
-    return {
-        "attempted": len(every), "accepted": int(ok.sum()), "rejected": int((~ok).sum()),
-        "student_correct_after": int(every["correct_after"].astype(bool).sum()),
-        "rejected_by_reason": counts(every.loc[~ok, "reason"].map(_squash)),
-        "accepted_by_outcome": counts(every.loc[ok, "reason"].map(_squash)),
-        "per_epoch": per_epoch,
-    }
-
-
-def remade_table(final_train: pd.DataFrame, *, criterion: str, teacher: str) -> pd.DataFrame:
-    """The REMADE table of `final_train` (an EXAMPLES table after the last symbolic update).
-
-    Args:
-        final_train: the last epoch's EXAMPLES table.
-        criterion: the run's selection criterion, recorded on every row.
-        teacher: the run's teacher, recorded on rewritten rows whose `rewrite_engine` is empty.
-
-    Returns:
-        A DataFrame with exactly the columns of REMADE, in `final_train`'s row order.
-
-    Raises:
-        ValueError: columns of EXAMPLES are missing.
-    """
-    require_columns(final_train, EXAMPLES, "final training table")
-    df = final_train.reset_index(drop=True)
-    question = df["question"].astype(str)
-    original = df["original_question"].fillna("").astype(str)
-    # Sources that predate the provenance columns may leave original_question empty: the question
-    # was then never rewritten, so it is its own source text.
-    original = original.where(original != "", question)
-    rewritten = question.map(_squash) != original.map(_squash)
-    engine = df["rewrite_engine"].fillna("").astype(str)
-    out = pd.DataFrame({
-        "id": df["id"].astype(str),
-        "question": question,
-        "original_question": original,
-        "answer": df["solution"].astype(str),
-        "final_answer": df["final_answer"].astype(str),
-        "system_prompt": df["system_prompt"].fillna("").astype(str),
-        "source": df["source"].astype(str),
-        "source_index": df["source_index"].astype("int64"),
-        "rewritten": rewritten.astype(bool),
-        "rewrite_epoch": df["rewrite_epoch"].fillna(0).astype("int64"),
-        "rewrite_iterations": df["rewrite_iterations"].fillna(0).astype("int64"),
-        "criterion": criterion,
-        "teacher": engine.where(engine != "", teacher).where(rewritten, ""),
-        "rewrite_reason": df["rewrite_reason"].fillna("").astype(str).where(rewritten, ""),
-    })
-    return out[REMADE.names]
 
 
 def _size_category(n: int) -> str:
@@ -180,7 +74,7 @@ def _source_key(sources: list[str]) -> str:
 
 def _cell(text: object) -> str:
     # A reason such as "teacher_error: 500 | retry" must not break the Markdown table.
-    return _squash(str(text)).replace("|", "\\|")
+    return squash_spaces(str(text)).replace("|", "\\|")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -238,7 +132,7 @@ def dataset_card(table: pd.DataFrame, counts: dict, *, criterion: str, teacher: 
         f"- Licence: **{license_name}** (`{license_id}`), the source's. The rewritten questions are "
         "derived from it; the terms of the teacher model's provider may also apply to them.",
         "## How it was made\n\n"
-        f"- Method: `{method}` — {METHOD_DESCRIPTIONS.get(method, method)}.\n"
+        f"- Method: `{method}` — {METHODS[method].description if method in METHODS else method}.\n"
         f"- Criterion: `{criterion}` (the per-sample signal ranking the samples after each epoch; "
         "the lowest-ranked ones the student answered wrongly were rewritten).\n"
         f"- Teacher: `{teacher}`" + (f" (rewrites by {', '.join(f'`{e}`' for e in engines)})"
@@ -275,42 +169,3 @@ def dataset_card(table: pd.DataFrame, counts: dict, *, criterion: str, teacher: 
         "```",
     ]
     return "\n\n".join(sections) + "\n"
-
-
-def synthesize(final_train: pd.DataFrame, rewrites: list[pd.DataFrame], *, criterion: str,
-               teacher: str, method: str, source_license: str) -> tuple[pd.DataFrame, str]:
-    """The remade dataset and its card.
-
-    Args:
-        final_train: the EXAMPLES table after the last epoch's symbolic update
-            (`data/train/epoch_N.parquet`).
-        rewrites: the REWRITES logs of epochs 1..N in order (`data/rewrites/epoch_k.parquet`).
-        criterion: the run's criterion (params `criteria`).
-        teacher: the run's teacher engine and model, e.g. 'openai:gpt-4o' or 'hint'.
-        method: params `method`.
-        source_license: licence identifier of the source, `SOURCE_LICENSES[params.data.source]`.
-
-    Returns:
-        (table, card): a DataFrame with the columns of `nslora.schemas.REMADE` and the Markdown card.
-
-    Raises:
-        ValueError: missing columns; a log of the wrong epoch; a log naming ids that are not in
-            `final_train`; rows rewritten in a later epoch than the logs cover; an empty licence.
-    """
-    if not source_license.strip():
-        raise ValueError("source_license: empty; the card must state the source's licence")
-    table = remade_table(final_train, criterion=criterion, teacher=teacher)
-    counts = rewrite_counts(rewrites)
-    known = set(table["id"])
-    for k, log in enumerate(rewrites, start=1):
-        stray = sorted(set(log["id"].astype(str)) - known)
-        if stray:
-            raise ValueError(f"rewrites log of epoch {k} names ids not in the final training table "
-                             f"(inputs of different runs?): {stray[:5]}")
-    latest = int(table["rewrite_epoch"].max()) if len(table) else 0
-    if latest > len(rewrites):
-        raise ValueError(f"final training table has rewrites of epoch {latest}, but only "
-                         f"{len(rewrites)} epoch log(s) were given")
-    card = dataset_card(table, counts, criterion=criterion, teacher=teacher, method=method,
-                        source_license=source_license, epochs=len(rewrites))
-    return table, card
