@@ -248,7 +248,6 @@ class RewardConfig:
         "an earlier experiment and published with `nslora publish-reward`).", None)
 
 
-
 @dataclass(frozen=True)
 class EpochEntry:
     prev: int = _help("The epoch whose adapter this epoch continues from (0 = fresh LoRA).")

@@ -230,7 +230,6 @@ def plot_epochs(runs: pd.DataFrame, path: Path | str) -> Path:
     return save_figure(fig, path)
 
 
-
 def experiment_grid(methods: list[str], criteria: list[str], engines: list[str], seeds: list[int]) -> list[dict]:
     """The runs of a comparison: criteria and engines vary only for methods with symbolic updates.
     `nslora_sysprompt` is NS-LoRA that also refines the system prompt (the paper's last row)."""

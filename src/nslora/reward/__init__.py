@@ -3,7 +3,7 @@ logs, which samples look like the ones its criterion sent to symbolic updates. A
 selects with `criteria: reward` and `reward.path` pointing at the saved directory.
 
     pairs = preference_pairs(selections, trains, n_pairs=cfg.pairs, seed=cfg.seed)
-    encoder = make_encoder(cfg.encoder, "models/base")
+    encoder = nslora.encoders.make_encoder(cfg.encoder, "models/base")
     model = train_reward_model(pairs, embed_pair_texts(pairs, encoder), cfg, encoder=encoder)
     model.save("models/reward")                     # or all of it: fit_reward_model(...)
     reward = RewardModel.load("models/reward").score(train, "models/base")   # Series by id

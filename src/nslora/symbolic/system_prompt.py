@@ -34,7 +34,7 @@ def optimize_initial_prompt(train: pd.DataFrame, rewriter: TextGradRewriter, stu
         (the training table with the final prompt in every row, metrics).
     """
     picked = train.sample(n=min(samples, len(train)), random_state=seed).sort_values("id")
-    prompt = system_prompt_of(train)
+    prompt = initial = system_prompt_of(train)
     rounds = []
     for _ in range(cfg.max_iters):
         outputs = student.answer(prompt, picked["question"].tolist(), cfg.student_max_new_tokens, progress=progress)
@@ -54,7 +54,7 @@ def optimize_initial_prompt(train: pd.DataFrame, rewriter: TextGradRewriter, stu
     out = train.copy()
     out["system_prompt"] = prompt
     return out, {"samples": len(picked), "rounds": rounds, "system_prompt": prompt,
-                 "changed": prompt != system_prompt_of(train)}
+                 "changed": prompt != initial}
 
 
 def update_system_prompt(teacher: Teacher, system_prompt: str, feedback: list[str],
