@@ -184,15 +184,21 @@ def test_comparison_queue_and_report(tiny_model_dir, tmp_path):
         run(["nslora", "compare", "--methods", "nslora,lora,prefix,two_stage,lora_sysprompt",
              "--criteria", "grad_norm", "--engines", "openai,hint", "--seeds", "0", "--run"], repo, timeout=2400)
         run(["nslora", "report", "--out", "results", "--command", "nslora compare ..."], repo)
-    first = {name: (repo / "results" / name).read_bytes() for name in ("runs.csv", "differences.csv", "report.md")}
+    first = {name: (repo / "results" / name).read_bytes()
+             for name in ("runs.csv", "correctness.csv", "differences.csv", "report.md")}
     run(["nslora", "report", "--out", "results", "--command", "nslora compare ..."], repo)
     for name, content in first.items():
         assert (repo / "results" / name).read_bytes() == content, f"{name} is not reproducible"
+    # A committed report's runs join a later report (--earlier): here every name is also current.
+    run(["nslora", "report", "--out", "merged", "--earlier", "results"], repo)
+    for name in ("runs.csv", "correctness.csv", "differences.csv"):
+        assert (repo / "merged" / name).read_bytes() == (repo / "results" / name).read_bytes(), name
     differences = pd.read_csv(repo / "results" / "differences.csv")
     assert set(differences["engine"]) == {"openai:test-model", "hint"} and (differences["paired_seeds"] == 1).all()
     runs = pd.read_csv(repo / "results" / "runs.csv")
     assert sorted(runs["method"].unique()) == ["lora", "lora_sysprompt", "nslora", "prefix", "two_stage"]
     assert len(runs) == 6 and runs["accuracy"].notna().all() and runs["epoch_1"].notna().all()
+    assert set(runs["precision"]) <= {"float32", "bfloat16"}  # what `auto` resolved to, from the train metrics
     report = (repo / "results" / "report.md").read_text()
     for row in ("NS-LoRA | grad_norm | openai:test-model", "NS-LoRA | grad_norm | hint", "Prefix-tuning", "Two-stage",
                 "LoRA + system prompt"):

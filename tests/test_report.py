@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nslora.report import (differences_from_lora, experiment_grid, markdown_table, paired_bootstrap,
-                           runs_from_exp_show, summarize_runs)
+from nslora.report import (differences_from_lora, experiment_grid, markdown_table, merge_earlier, paired_bootstrap,
+                           read_report_runs, runs_from_exp_show, summarize_runs, write_report_runs)
 
 
 def test_paired_bootstrap_bounds_and_determinism():
@@ -26,12 +26,13 @@ def test_paired_bootstrap_bounds_and_determinism():
 
 
 def _exp(name, method, seed, accuracy, criteria="loss_ratio", engine="local", sysprompt=False,
-         teacher="embedded:qwen2.5-coder-1.5b"):
+         teacher="embedded:qwen2.5-coder-1.5b", precision="bfloat16"):
     params = {"method": method, "criteria": criteria, "train": {"seed": seed},
               "teacher": {"engine": engine, "model": teacher}, "symbolic": {"update_system_prompt": sysprompt}}
     metrics = {"metrics/eval.json": {"data": {"pretrained_accuracy": 0.1, "final_accuracy": accuracy,
                                               "final_epoch": 2, "n": 4}},
                "metrics/eval/epoch_2.json": {"data": {"accuracy": accuracy, "evaluated": True}},
+               "metrics/train/epoch_2.json": {"data": {"precision": precision, "seconds": 1.0}},
                "metrics/symbolic/epoch_1.json": {"data": {"selected": 3, "accepted": 1, "seconds": 5.0,
                                                           "teacher": {"calls": 7},
                                                           "proposals": {"made": 2, "tagged": 1}}}}
@@ -90,3 +91,41 @@ def test_grid_variants():
     assert sum(g["set"]["symbolic.update_system_prompt"] == "true" for g in grid) == len(sysprompt) == 2
     two_stage = experiment_grid(["two_stage"], ["random"], ["hint", "local"], [0])
     assert [g["set"]["teacher.engine"] for g in two_stage] == ["local"]  # its prompt needs a teacher
+
+
+def test_earlier_report_runs_join_new_ones(tmp_path):
+    """Runs made in another workspace come back from a committed report (runs.csv + correctness.csv)
+    and pair with new runs exactly as if they had been in one `dvc exp show`."""
+    ids = ["q1", "q0", "q2", "q3"]
+    by_rev = {f"rev-{name}": pd.Series(np.array(v, bool), index=ids) for name, v in
+              {"lora-s0": [1, 0, 0, 0], "ns-s0": [1, 1, 0, 0], "lora-s1": [1, 1, 0, 0], "ns-s1": [1, 1, 1, 0]}.items()}
+    everything = runs_from_exp_show([{"experiments": [
+        _exp("lora-s0", "lora", 0, 0.25), _exp("ns-s0", "nslora", 0, 0.5),
+        _exp("lora-s1", "lora", 1, 0.5), _exp("ns-s1", "nslora", 1, 0.75)]}])
+    earlier = runs_from_exp_show([{"experiments": [_exp("lora-s0", "lora", 0, 0.25), _exp("ns-s0", "nslora", 0, 0.5),
+                                                   _exp("ns-s1", "nslora", 1, 0.1)]}])
+    write_report_runs(earlier, by_rev, tmp_path / "earlier")
+    assert (tmp_path / "earlier" / "correctness.csv").read_text().splitlines()[:2] == [
+        "experiment,rev,id,correct", "lora-s0,rev-lora-s0,q0,0"]
+    now = runs_from_exp_show([{"experiments": [_exp("lora-s1", "lora", 1, 0.5), _exp("ns-s1", "nslora", 1, 0.75)]}])
+    merged, correct = merge_earlier(now, {k: by_rev[k] for k in ("rev-lora-s1", "rev-ns-s1")},
+                                    *read_report_runs(tmp_path / "earlier"))
+    # ns-s1 is in both: the current run wins; the earlier report adds seed 0.
+    assert merged["experiment"].tolist() == everything["experiment"].tolist()
+    assert merged.set_index("experiment").loc["ns-s1", "accuracy"] == 0.75
+    pd.testing.assert_frame_equal(differences_from_lora(merged, correct, 300),
+                                  differences_from_lora(everything, by_rev, 300))
+    # Written again, the merged runs give the same bytes as the runs that were never split.
+    write_report_runs(merged, correct, tmp_path / "merged")
+    write_report_runs(everything, by_rev, tmp_path / "whole")
+    for name in ("runs.csv", "correctness.csv"):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    # Runs of a machine where `auto` meant another precision do not join.
+    fp32 = runs_from_exp_show([{"experiments": [_exp("lora-s1", "lora", 1, 0.5, precision="float32")]}])
+    with pytest.raises(ValueError, match=r"trained in \['bfloat16'\], these in \['float32'\]"):
+        merge_earlier(fp32, {}, *read_report_runs(tmp_path / "earlier"))
+    (tmp_path / "earlier" / "correctness.csv").write_text("experiment,rev,id\n")
+    with pytest.raises(ValueError, match=r"correctness.csv: columns \['correct'\] missing"):
+        read_report_runs(tmp_path / "earlier")
+    with pytest.raises(ValueError, match="runs.csv: missing"):
+        read_report_runs(tmp_path / "nowhere")

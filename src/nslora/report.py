@@ -4,6 +4,8 @@ and accuracy-per-epoch plots like its Fig. 2/3, with the spread over seeds.
     runs = runs_from_exp_show(json.loads(output_of("dvc exp show --json")))
     table = summarize_runs(runs)
     deltas = differences_from_lora(runs, correct_by_rev)   # paired bootstrap over seeds and questions
+    # Runs of an earlier session or machine, from a committed report (its runs.csv + correctness.csv):
+    runs, correct_by_rev = merge_earlier(runs, correct_by_rev, *read_report_runs("results/gsm8k_qwen"))
     markdown = markdown_table(table, deltas)
     plot_epochs(runs, "results/accuracy_per_epoch.png")
 """
@@ -68,6 +70,9 @@ def _record(name: str, rev: str, data: dict) -> dict | None:
         "experiment": name or rev, "rev": rev,
         "method": _method_label(params), "criteria": params.get("criteria", ""),
         "engine": _engine_label(params), "seed": params.get("train.seed"),
+        # The training precision `model.precision` resolved to (auto: bf16 only where it is fast).
+        "precision": "+".join(sorted({m["precision"] for path, m in metrics.items()
+                                      if path.startswith("metrics/train/") and "precision" in m})) or None,
         "pretrained_accuracy": final["pretrained_accuracy"], "accuracy": final["final_accuracy"],
         "accuracy_strict": final.get("final_accuracy_strict"), "n": final.get("n"),
         "final_epoch": final.get("final_epoch"),
@@ -108,9 +113,70 @@ def runs_from_exp_show(exp_show: list[dict]) -> pd.DataFrame:
         raise ValueError("no finished experiment with metrics/eval.json in `dvc exp show` (run the "
                          "comparison first: nslora compare ... --run; runs based on an earlier commit: "
                          "nslora report --all-commits)")
+    return _ordered(frame)
+
+
+def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns in record order with the epochs last (numerically), rows by group, seed and name."""
     epoch_cols = sorted((c for c in frame.columns if c.startswith("epoch_")), key=lambda c: int(c[6:]))
     ordered = [c for c in frame.columns if not c.startswith("epoch_")] + epoch_cols
     return frame[ordered].sort_values(GROUP + ["seed", "experiment"]).reset_index(drop=True)
+
+
+# A report's per-question record (correctness.csv), next to its runs.csv: what a later report needs
+# to pair these runs with new ones without their DVC cache (experiments live in one workspace).
+CORRECTNESS_COLUMNS = ["experiment", "rev", "id", "correct"]
+
+
+def correctness_table(runs: pd.DataFrame, correct_by_rev: dict[str, pd.Series]) -> pd.DataFrame:
+    """Long table of each paired run's final-epoch correctness, one row per (run, question)."""
+    parts = [pd.DataFrame({"experiment": row.experiment, "rev": row.rev,
+                           "id": correct_by_rev[row.rev].index.astype(str),
+                           "correct": correct_by_rev[row.rev].to_numpy().astype(int)})
+             for row in runs.itertuples() if row.rev in correct_by_rev]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CORRECTNESS_COLUMNS)
+    return table.sort_values(["experiment", "id"]).reset_index(drop=True)
+
+
+def write_report_runs(runs: pd.DataFrame, correct_by_rev: dict[str, pd.Series], directory: Path | str) -> None:
+    """DIR/runs.csv (one row per run) and DIR/correctness.csv, as `read_report_runs` reads them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(directory / "runs.csv", index=False, float_format="%.6g")
+    correctness_table(runs, correct_by_rev).to_csv(directory / "correctness.csv", index=False)
+
+
+def read_report_runs(directory: Path | str) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+    """The runs of an earlier report (`nslora report --out DIR`): DIR/runs.csv and DIR/correctness.csv."""
+    directory = Path(directory)
+    paths = [directory / "runs.csv", directory / "correctness.csv"]
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; --earlier takes a directory written by `nslora report --out`")
+    runs = pd.read_csv(paths[0], dtype={"rev": str, "experiment": str})
+    correct = pd.read_csv(paths[1], dtype={"rev": str, "experiment": str, "id": str})
+    for path, frame, needed in ((paths[0], runs, GROUP + ["experiment", "rev", "seed", "accuracy"]),
+                                (paths[1], correct, CORRECTNESS_COLUMNS)):
+        missing = sorted(set(needed) - set(frame.columns))
+        if missing:
+            raise ValueError(f"{path}: columns {missing} missing; write it again with `nslora report`")
+    runs[GROUP] = runs[GROUP].fillna("")  # a blank criterion or engine reads back as NaN
+    return runs, {rev: pd.Series(group["correct"].to_numpy().astype(bool), index=group["id"].to_numpy())
+                  for rev, group in correct.groupby("rev", sort=False)}
+
+
+def merge_earlier(runs: pd.DataFrame, correct_by_rev: dict[str, pd.Series], earlier: pd.DataFrame,
+                  earlier_correct: dict[str, pd.Series]) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+    """Add an earlier report's runs to these; a run name present in both keeps the current one.
+    Runs trained in another precision (another machine's `auto`) are refused: they are other results."""
+    kept = earlier[~earlier["experiment"].isin(set(runs["experiment"]))]
+    ours, theirs = (set(frame["precision"].dropna()) if "precision" in frame else set() for frame in (runs, kept))
+    if ours and theirs and ours != theirs:
+        raise ValueError(f"the earlier runs trained in {sorted(theirs)}, these in {sorted(ours)}: a report mixing "
+                         "them would average different computations; set model.precision explicitly and "
+                         "rerun on a machine that has it (bf16 on a CPU needs AVX512-BF16 or AMX)")
+    merged = _ordered(pd.concat([runs, kept], ignore_index=True)) if len(kept) else runs
+    return merged, correct_by_rev | {rev: earlier_correct[rev] for rev in kept["rev"] if rev in earlier_correct}
 
 
 def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:

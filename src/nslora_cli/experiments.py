@@ -15,8 +15,9 @@ import click
 
 from nslora.config import CRITERIA
 from nslora.methods import METHODS
-from nslora.report import (GRID_METHODS, PAIRED_METHODS, differences_from_lora, experiment_grid, markdown_table,
-                           plot_epochs, runs_from_exp_show, summarize_runs)
+from nslora.report import (GRID_METHODS, PAIRED_METHODS, differences_from_lora,
+                           experiment_grid, markdown_table, merge_earlier, plot_epochs, read_report_runs,
+                           runs_from_exp_show, summarize_runs, write_report_runs)
 
 
 def _csv(value: str) -> list[str]:
@@ -97,27 +98,37 @@ def _final_correctness(runs) -> dict:
 @click.option("--command", "commands", multiple=True,
               help="A command line that produced the runs, written at the top of the report (repeatable).")
 @click.option("--resamples", default=10_000, show_default=True, help="Bootstrap resamples for the intervals.")
+@click.option("--earlier", "earlier_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Also include the runs of an earlier report directory (its runs.csv and correctness.csv), "
+                   "e.g. runs made in another workspace; a run name present here keeps this one (repeatable).")
 @click.option("--all-commits", is_flag=True,
               help="Include experiments based on earlier commits (dvc exp show -A), e.g. after committing code.")
-def report(out_dir: Path, exp_show_json: Path | None, commands: tuple[str, ...], resamples: int, all_commits: bool):
+def report(out_dir: Path, exp_show_json: Path | None, commands: tuple[str, ...], resamples: int,
+           earlier_dirs: tuple[Path, ...], all_commits: bool):
     """Write results/report.md (table), results/runs.csv (what the table is made from),
-    results/differences.csv (NS-LoRA − LoRA, paired bootstrap) and results/accuracy_per_epoch.png."""
+    results/correctness.csv (each run's per-question results, for --earlier), results/differences.csv
+    (NS-LoRA − LoRA, paired bootstrap) and results/accuracy_per_epoch.png."""
     raw = exp_show_json.read_text() if exp_show_json else _dvc("exp", "show", "--json", *(["-A"] if all_commits else []))
     try:
         runs = runs_from_exp_show(json.loads(raw))
+        correct = _final_correctness(runs)
+        for directory in earlier_dirs:  # read before writing: --earlier may be --out itself
+            runs, correct = merge_earlier(runs, correct, *read_report_runs(directory))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out_dir / "runs.csv", index=False, float_format="%.6g")
+    write_report_runs(runs, correct, out_dir)
     table = summarize_runs(runs)
-    deltas = differences_from_lora(runs, _final_correctness(runs), resamples)
+    deltas = differences_from_lora(runs, correct, resamples)
     deltas.to_csv(out_dir / "differences.csv", index=False, float_format="%.6g")
     plot = plot_epochs(runs, out_dir / "accuracy_per_epoch.png")
     header = "".join(f"    {c}\n" for c in commands)
+    precisions = sorted(set(runs["precision"].dropna()))
+    trained = f", trained in {' and '.join(precisions)}" if precisions else ""
     text = ("# Comparison\n\n" + (f"Made with:\n\n{header}\n" if header else "") +
             "Test accuracy after the last epoch, mean ± standard deviation over seeds "
-            f"(from `dvc exp show`, {len(runs)} runs). \"− LoRA\" is the accuracy difference to LoRA with "
-            "the same seeds on the same questions, with a 95% paired bootstrap interval (seeds and "
+            f"(from `dvc exp show`{' and earlier reports' if earlier_dirs else ''}, {len(runs)} runs{trained}). "
+            "\"− LoRA\" is the accuracy difference to LoRA with the same seeds on the same questions, "
+            "with a 95% paired bootstrap interval (seeds and "
             f"questions resampled, {resamples} resamples).\n\n" + markdown_table(table, deltas) +
             f"\n![accuracy per epoch]({plot.name})\n")
     (out_dir / "report.md").write_text(text)
