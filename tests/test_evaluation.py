@@ -106,3 +106,41 @@ def test_answer_comparison_normalises_like_lm_eval():
     assert not answers.is_correct("[invalid]", "invalid")
     assert answers.flexible_extract("so it is kitchen", numeric=False) == "kitchen"
     assert answers.strict_match("#### TRUE\n", numeric=False) == "TRUE"
+
+
+def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir):
+    """Rows that finish leave the batch, waiting prompts join it with a left-padded cache, columns
+    that only padding uses are dropped: every continuation still equals greedy decoding of its
+    prompt alone, without a cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nslora.evaluation.generation import greedy_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    texts = ["How many legs do 3 chickens have?", "12 + 7 - 3 =", "Each dog has 4 legs, so 2 dogs have",
+             "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", "Q:", "State the final answer to the following "
+             "arithmetic problem: 12 + 7 - 3", "6 + 8 =", "You are a careful assistant.", "A: Let's think"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    max_new = 12
+
+    def stopped(tokens):  # each row stops after 2..10 tokens, decided by its own first token
+        return len(tokens) >= 2 + tokens[0] % 9
+
+    stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            tokens = []
+            while True:
+                tokens.append(int(model(torch.tensor([prompt + tokens])).logits[0, -1].argmax()))
+                if tokens[-1] in stop_ids or len(tokens) >= max_new or stopped(tokens):
+                    break
+            expected.append(tokens)
+    assert len({len(t) for t in expected}) >= 3  # rows really finish at different steps
+    finished = []
+    for batch_size in (1, 3, 4, 16):
+        assert greedy_generate(model, prompts, max_new, batch_size, stop_ids, stopped,
+                               progress=finished.append) == expected, f"batch size {batch_size}"
+    assert sum(finished) == 4 * len(prompts)

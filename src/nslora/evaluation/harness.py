@@ -50,12 +50,13 @@ def write_task_yaml(directory: Path | str, test_path: Path | str, max_new_tokens
 
 def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: EvalConfig,
              precision: str = "auto", device: str | None = None, attention: str = "auto"):
-    """lm-eval's HF model with the adapter attached through its `peft=` argument."""
-    from lm_eval.models.huggingface import HFLM
+    """lm-eval's HF model with the adapter attached through its `peft=` argument, generating
+    greedy answers with continuous batching (`generation.ContinuousBatchingHFLM`)."""
+    from .generation import ContinuousBatchingHFLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(precision, torch.device(device))
-    lm = HFLM(
+    lm = ContinuousBatchingHFLM(
         pretrained=str(base_dir),
         peft=str(adapter_dir) if adapter_dir else None,
         dtype=str(dtype).replace("torch.", ""),
