@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from transformers.cache_utils import Cache, DynamicLayer
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass
@@ -42,8 +42,7 @@ class GrowingLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        empty = key_states.shape[:2] + (0, key_states.shape[3])
-        self._store(key_states.new_empty(empty), value_states.new_empty(value_states.shape[:2] + (0, value_states.shape[3])))
+        self._store(key_states[:, :, :0], value_states[:, :, :0])  # empty; `update` makes room
         self.is_initialized = True
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
