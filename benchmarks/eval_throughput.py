@@ -6,8 +6,8 @@ Run as: python benchmarks/eval_throughput.py [--questions 32] [--model-dir model
 All sides evaluate the pre-trained model (SmolLM2-135M-Instruct unless --model-dir says otherwise)
 on the same quick-start test questions through the same lm-eval task (greedy, 256 new tokens, chat
 template, system prompt). The fair baseline is lm-eval's HF backend as a competent user runs it on
-this machine: bf16 weights where bf16 is fast (else fp32), `max_length=2048` (prompt + answer fit; lm-eval's `auto` probes at
-max_length), at each of --batch-sizes; the fastest is the baseline. `--old` adds the old baseline,
+this machine: bf16 weights where bf16 is fast (else fp32), `max_length=2048` (prompt and answer
+fit; lm-eval's `auto` probes at max_length), at each of --batch-sizes; the fastest is the baseline. `--old` adds the old baseline,
 lm-eval as it comes (model dtype, batch size 1). The stage uses its own settings (params' eval
 batch size, bf16, its generation fixes).
 
@@ -50,7 +50,7 @@ def run_side(side: str, model_dir: str, test_path: str, system_prompt: str) -> d
 
     from nslora.config import EvalConfig
     from nslora.evaluation.harness import evaluate
-    from nslora.models import bf16_supported
+    from nslora.models import resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if side == "ours":
@@ -59,8 +59,8 @@ def run_side(side: str, model_dir: str, test_path: str, system_prompt: str) -> d
         settings = {"batch_size": cfg.batch_size}
     else:
         batch = side.removeprefix("lm_eval_bs") if side != "lm_eval_old" else "1"
-        # bf16 where it is fast (as `precision: auto` chooses for ours), else fp32: emulated bf16 is slower.
-        dtype = "bfloat16" if bf16_supported(torch.device(device)) else "float32"
+        # bf16 where it is fast, else fp32 (emulated bf16 is slower): what `precision: auto` gives ours.
+        dtype = str(resolve_dtype("auto", torch.device(device))).replace("torch.", "")
         kwargs = {} if side == "lm_eval_old" else {"dtype": dtype, "max_length": LM_EVAL_MAX_LENGTH}
         lm = HFLM(pretrained=model_dir, batch_size=batch, device=device, **kwargs)
         summary, predictions = evaluate(model_dir, None, test_path, system_prompt, EvalConfig(), lm=lm)
@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--model-dir", default=None, help="Materialised HF model (default: embedded SmolLM2).")
-    parser.add_argument("--batch-sizes", default="8,16,32,auto", help="lm-eval batch sizes to try (bf16).")
+    parser.add_argument("--batch-sizes", default="8,16,32,auto", help="lm-eval batch sizes to try.")
     parser.add_argument("--old", action="store_true", help="Also run lm-eval as it comes (batch size 1).")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--test", help=argparse.SUPPRESS)

@@ -69,7 +69,7 @@ def run_ours(model_dir: str, data: str, work: str) -> dict:
         stats = trainer.run_epoch(df, epoch=epoch, progress=False)
         assert stats["grad_norm"].notna().all()
         seconds.append(trainer.seconds)
-    return {"tokens": trainer.tokens, "seconds": min(seconds), "precision": str(trainer.dtype).replace("torch.", "")}
+    return {"tokens": trainer.tokens, "seconds": min(seconds), "precision": trainer.precision}
 
 
 def run_trainer(model_dir: str, data: str, work: str, fair: bool = False) -> dict:
@@ -80,7 +80,7 @@ def run_trainer(model_dir: str, data: str, work: str, fair: bool = False) -> dic
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from nslora.models import bf16_supported
+    from nslora.models import resolve_dtype
 
     from nslora.config import LoraParams
     from nslora.models import load_tokenizer
@@ -96,7 +96,7 @@ def run_trainer(model_dir: str, data: str, work: str, fair: bool = False) -> dic
     lora = LoraParams()
     # bf16 only where it is fast (AVX512-BF16/AMX or a GPU): elsewhere it is emulated and a competent
     # user keeps fp32, as `precision: auto` does for ours.
-    bf16 = fair and bf16_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = fair and resolve_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")) == torch.bfloat16
     load = {"dtype": torch.bfloat16 if bf16 else torch.float32, "attn_implementation": "eager"} if fair else {}
     # peft keeps the LoRA weights in float32 over the bf16 base (autocast_adapter_dtype), as ours does.
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, **load),

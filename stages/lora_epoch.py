@@ -42,9 +42,7 @@ def main(params_path, epoch, base_dir, prev_dir, train_path, out_dir, stats_path
             "tokens": int(trainer.tokens),
             "seconds": round(trainer.seconds, 1),
             "tokens_per_s": round(trainer.tokens / trainer.seconds, 1),
-            # What `model.precision: auto` resolved to on this machine (bf16 needs AVX512-BF16/AMX
-            # or a GPU): runs in other precisions are other results.
-            "precision": str(trainer.dtype).replace("torch.", ""),
+            "precision": trainer.precision,  # runs in other precisions are other results
         }
         trainer.save(out_dir, epoch=epoch, train_df=train_df, extra={"summary": summary})
         if trainer.accelerator.is_main_process:

@@ -15,9 +15,9 @@ import click
 
 from nslora.config import CRITERIA
 from nslora.methods import METHODS
-from nslora.report import (GRID_METHODS, PAIRED_METHODS, differences_from_lora,
-                           experiment_grid, markdown_table, merge_earlier, plot_epochs, read_report_runs,
-                           runs_from_exp_show, summarize_runs, write_report_runs)
+from nslora.report import (GRID_METHODS, PAIRED_METHODS, differences_from_lora, experiment_grid, markdown_table,
+                           merge_earlier, plot_epochs, read_report_runs, runs_from_exp_show, summarize_runs,
+                           write_report_runs)
 
 
 def _csv(value: str) -> list[str]:
@@ -128,9 +128,8 @@ def report(out_dir: Path, exp_show_json: Path | None, commands: tuple[str, ...],
             "Test accuracy after the last epoch, mean ± standard deviation over seeds "
             f"(from `dvc exp show`{' and earlier reports' if earlier_dirs else ''}, {len(runs)} runs{trained}). "
             "\"− LoRA\" is the accuracy difference to LoRA with the same seeds on the same questions, "
-            "with a 95% paired bootstrap interval (seeds and "
-            f"questions resampled, {resamples} resamples).\n\n" + markdown_table(table, deltas) +
-            f"\n![accuracy per epoch]({plot.name})\n")
+            f"with a 95% paired bootstrap interval (seeds and questions resampled, {resamples} resamples).\n\n" +
+            markdown_table(table, deltas) + f"\n![accuracy per epoch]({plot.name})\n")
     (out_dir / "report.md").write_text(text)
     click.echo(text)
 

@@ -155,7 +155,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
             if cache is None:
                 cache, mask, last, positions = group_cache, group_mask, first, group_positions
             else:
-                cache, mask = _join(cache, mask, group_cache, group_mask)
+                mask = _join(cache, mask, group_cache, group_mask)
                 last = torch.cat([last, first])
                 positions = torch.cat([positions, group_positions])
             rows += [_Row(i, [int(t)]) for i, t in zip(group, first.tolist())]
@@ -191,13 +191,13 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
     return results  # type: ignore[return-value]
 
 
-def _join(cache, mask: torch.Tensor, other, other_mask: torch.Tensor):
-    """Two batches' KV caches and masks as one: the shorter left-padded (masked) to the longer."""
+def _join(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append `other`'s rows to `cache` (the shorter side left-padded, masked); returns the joint mask."""
     width = max(mask.shape[1], other_mask.shape[1])
     pad, other_pad = width - mask.shape[1], width - other_mask.shape[1]
     for layer, extra in zip(cache.layers, other.layers):
         layer.join(extra, pad, other_pad)
-    return cache, torch.cat([_left_pad(mask, pad, 1), _left_pad(other_mask, other_pad, 1)])
+    return torch.cat([_left_pad(mask, pad, 1), _left_pad(other_mask, other_pad, 1)])
 
 
 class ContinuousBatchingHFLM(HFLM):

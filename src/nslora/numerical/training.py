@@ -285,6 +285,8 @@ class LoraTrainer:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.dtype = resolve_dtype(precision, self.device)
+        # What `precision` resolved to ('bfloat16' / 'float32'): 'auto' differs between machines.
+        self.precision = str(self.dtype).replace("torch.", "")
         self.meta = read_meta(adapter_dir)
         self.batches = json.loads((self.adapter_dir / BATCHES_FILE).read_text())
         state = load_training_state(self.adapter_dir)
@@ -425,7 +427,7 @@ class LoraTrainer:
             "data_sha256": data_hash(train_df),
             "system_prompt": system_prompt_of(train_df),
             "step": self.step,
-            "precision": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision,
             "processes": acc.num_processes,
             "train": to_dict(self.train),
             **(extra or {}),
