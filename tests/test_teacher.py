@@ -21,7 +21,7 @@ import torch
 from nslora.config import TeacherConfig
 from nslora.teacher import (BudgetExhausted, CachedTeacher, TeacherError, cache_key, is_local_url,
                             make_teacher, safe_url)
-from nslora.teacher.local_engine import LocalEngine
+from nslora.teacher.local_engine import Int8DecodeLinear, LocalEngine, int8_decode_available
 from nslora.teacher.openai_engine import OpenAIEngine, retry_after_seconds
 from openai_server import OpenAIServer
 
@@ -313,6 +313,23 @@ def test_local_engine_is_deterministic_and_counts_tokens(tiny_model_dir, tmp_pat
     fresh = CachedTeacher(engine, tmp_path / "t", max_tokens=12)
     others = {fresh.generate(ask(f"Count {i}"), temperature=1.0) for i in range(4)}
     assert len(others) > 1  # different requests, different seeds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_decode_linear_approximates_the_linear_in_its_dtype(dtype):
+    if not int8_decode_available(dtype, torch.device("cpu")):
+        pytest.skip("this torch build has no int8 weight-only matmul on the CPU")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    wrapped = Int8DecodeLinear(linear, max_rows=4)
+    decode, prefill = torch.randn(1, 3, 64, dtype=dtype), torch.randn(2, 3, 64, dtype=dtype)
+    with torch.no_grad():
+        exact, approx = linear(decode), wrapped(decode)
+        # Decoding rows (<= max_rows) take the int8 path: the model's dtype, ~1% rounding.
+        assert approx.dtype == dtype and approx.shape == exact.shape and not torch.equal(approx, exact)
+        assert ((approx - exact).norm() / exact.norm()).item() < 0.02
+        # More rows (prefill) use the model's own weight, exactly.
+        assert torch.equal(wrapped(prefill), linear(prefill))
 
 
 def test_batched_and_prefix_cached_replies_equal_one_at_a_time(tiny_model_dir):
