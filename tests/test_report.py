@@ -45,13 +45,13 @@ def test_report_rows_differences_and_table():
         _exp("lora-s0", "lora", 0, 0.5), _exp("lora-s1", "lora", 1, 0.25),
         _exp("ns-s0", "nslora", 0, 0.75), _exp("ns-s1", "nslora", 1, 0.5),
         _exp("nssp-s0", "nslora", 0, 0.5, sysprompt=True),
-        _exp("prefix-s0", "prefix", 0, 0.25),
+        _exp("prefix-s0", "prefix", 0, 0.25), _exp("two-stage-s0", "two_stage", 0, 0.75),
         _exp("ns-small-s0", "nslora", 0, 0.25, teacher="embedded:smollm2"),
         _exp("ns-hint-s0", "nslora", 0, 0.5, engine="hint"),
         {"name": "failed", "revs": [{"rev": "x", "data": {"metrics": {}}}]},
     ]}]
     runs = runs_from_exp_show(exp_show)
-    assert len(runs) == 8 and set(runs["method"]) == {"lora", "nslora", "nslora_sysprompt", "prefix"}
+    assert len(runs) == 9 and set(runs["method"]) == {"lora", "nslora", "nslora_sysprompt", "prefix", "two_stage"}
     assert runs.loc[runs["method"] == "prefix", "criteria"].item() == "-"  # numerical-only: no criterion
     # Rows are told apart by their teacher, not only by the engine kind.
     engines = runs.set_index("experiment")["engine"]
@@ -61,7 +61,7 @@ def test_report_rows_differences_and_table():
     correct = {
         "rev-lora-s0": [1, 1, 0, 0], "rev-lora-s1": [1, 0, 0, 0],
         "rev-ns-s0": [1, 1, 1, 0], "rev-ns-s1": [1, 1, 0, 0], "rev-nssp-s0": [0, 1, 1, 0],
-        "rev-ns-small-s0": [1, 0, 0, 0], "rev-ns-hint-s0": [1, 1, 0, 0],
+        "rev-ns-small-s0": [1, 0, 0, 0], "rev-ns-hint-s0": [1, 1, 0, 0], "rev-two-stage-s0": [1, 1, 1, 1],
     }
     ids = ["q3", "q1", "q2", "q0"]  # not sorted: pairing is by question id, not by position
     by_rev = {rev: pd.Series(np.array(v, bool), index=ids) for rev, v in correct.items()}
@@ -70,6 +70,9 @@ def test_report_rows_differences_and_table():
     assert deltas.loc["nslora", "delta"] == pytest.approx(0.25) and deltas.loc["nslora", "paired_seeds"] == 2
     assert deltas.loc["nslora_sysprompt", "delta"] == pytest.approx(0.0)
     assert "prefix" not in deltas.index
+    # Two-stage trains the same LoRA from another prompt: compared with LoRA too.
+    two_stage = differences_from_lora(runs, by_rev, resamples=300).set_index("method").loc["two_stage"]
+    assert two_stage["delta"] == pytest.approx(0.5) and two_stage["paired_seeds"] == 1
     table = markdown_table(summarize_runs(runs), deltas.reset_index())
     assert "| NS-LoRA | loss_ratio | local:embedded:qwen2.5-coder-1.5b | 2 | 62.5 ± 17.7 | +25.0 [" in table
     assert "| NS-LoRA | loss_ratio | local:embedded:smollm2 | 1 | 25.0 ± 0.0 |" in table

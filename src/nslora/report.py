@@ -37,8 +37,10 @@ def _flatten(prefix: str, value, out: dict) -> None:
 # symbolic.update_system_prompt, the paper's last row).
 GRID_METHODS = (*METHODS, "nslora_sysprompt")
 SYMBOLIC_METHODS = (*(name for name, m in METHODS.items() if m.symbolic_epochs), "nslora_sysprompt")
-# Rows compared with LoRA question by question (their final-epoch predictions are needed).
-PAIRED_METHODS = ("lora", *SYMBOLIC_METHODS)
+# Rows compared with LoRA question by question (their final-epoch predictions are needed): the
+# symbolic ones, and two-stage, which trains the same LoRA from a TextGrad-optimised prompt.
+COMPARED_METHODS = ("two_stage", *SYMBOLIC_METHODS)
+PAIRED_METHODS = ("lora", *COMPARED_METHODS)
 
 
 def _method_label(params: dict) -> str:
@@ -213,11 +215,11 @@ def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, resamples: int = 10_0
 
 def differences_from_lora(runs: pd.DataFrame, correct_by_rev: dict[str, pd.Series],
                           resamples: int = 10_000) -> pd.DataFrame:
-    """NS-LoRA-style rows minus LoRA, paired by seed and test question. `correct_by_rev` maps a
-    run's rev to its final-epoch correctness indexed by question id."""
+    """Symbolic and two-stage rows minus LoRA, paired by seed and test question. `correct_by_rev`
+    maps a run's rev to its final-epoch correctness indexed by question id."""
     lora = runs[runs["method"] == "lora"].drop_duplicates("seed").set_index("seed")
     rows = []
-    for key, group in runs[runs["method"].isin(SYMBOLIC_METHODS)].groupby(GROUP, sort=False):
+    for key, group in runs[runs["method"].isin(COMPARED_METHODS)].groupby(GROUP, sort=False):
         seeds = sorted(set(group["seed"]) & set(lora.index))
         if not seeds:
             continue
