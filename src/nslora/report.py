@@ -37,9 +37,10 @@ def _flatten(prefix: str, value, out: dict) -> None:
 # symbolic.update_system_prompt, the paper's last row).
 GRID_METHODS = (*METHODS, "nslora_sysprompt")
 SYMBOLIC_METHODS = (*(name for name, m in METHODS.items() if m.symbolic_epochs), "nslora_sysprompt")
-# Rows compared with LoRA question by question (their final-epoch predictions are needed): the
-# symbolic ones, and two-stage, which trains the same LoRA from a TextGrad-optimised prompt.
-COMPARED_METHODS = ("two_stage", *SYMBOLIC_METHODS)
+# Rows compared with LoRA question by question (their final-epoch predictions are needed): every
+# other row that trains the same LoRA adapter (symbolic updates, or two-stage's optimised prompt).
+COMPARED_METHODS = (*(name for name, m in METHODS.items() if m.adapter == "lora" and name != "lora"),
+                    "nslora_sysprompt")
 PAIRED_METHODS = ("lora", *COMPARED_METHODS)
 
 
