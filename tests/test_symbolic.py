@@ -20,6 +20,7 @@ from nslora.schemas import EXAMPLES, REWRITES, to_table
 from nslora.selection.student import Student
 from nslora.symbolic import (HintRewriter, Proposal, Sample, TextGradRewriter, check_rewrite,
                              minilm_similarity, rewrite_epoch, solution_steps, update_system_prompt)
+from nslora.symbolic.textgrad import strip_preamble
 from nslora.teacher import BudgetExhausted, Completion, TeacherError
 
 CFG = SymbolicConfig(max_iters=2, student_max_new_tokens=8)
@@ -359,6 +360,19 @@ def test_update_system_prompt(reply, reason):
     (kind, _, user), = teacher.calls
     assert kind == "update" and OLD_PROMPT in user
     assert user.index("Critique B") < user.index("Critique A")  # in the order given
+
+
+def test_a_leading_here_is_line_is_not_part_of_the_prompt():
+    # The 1.5B teacher's accepted prompts were the old one under "Here is the improved system prompt
+    # for the student model:"; without that line the prompt is unchanged, and refused as such.
+    preamble = "Here is the improved system prompt for the student model:\n\n"
+    teacher = ScriptedTeacher(improve=lambda v: f"<IMPROVED_VARIABLE>{preamble}{OLD_PROMPT}</IMPROVED_VARIABLE>")
+    assert update_system_prompt(teacher, OLD_PROMPT, ["Critique."], CFG) == (OLD_PROMPT, "unchanged")
+    better = "Add up every group. " + OLD_PROMPT
+    teacher = ScriptedTeacher(improve=lambda v: f"<IMPROVED_VARIABLE>{preamble}{better}</IMPROVED_VARIABLE>")
+    assert update_system_prompt(teacher, OLD_PROMPT, ["Critique."], CFG) == (better, "accepted")
+    assert strip_preamble("Here is the question:") == "Here is the question:"  # nothing after it
+    assert strip_preamble("Solve it. Here is how: add.") == "Solve it. Here is how: add."
 
 
 def test_update_system_prompt_without_feedback_calls_no_teacher():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import tempfile
 import threading
 import types
@@ -153,14 +154,28 @@ def _teacher_failure(err: TeacherError) -> str:
     return f"teacher_error: {str(err)[:160]}"
 
 
+# The 1.5B teacher opens the tagged text with a line about it ("Here is the improved system prompt
+# for the student model:"); that line is not part of the prompt or question it introduces.
+PREAMBLE = re.compile(r"^\s*(?:here is|here's|below is)\b[^\n]*:[ \t]*\n\s*", re.IGNORECASE)
+
+
+def strip_preamble(text: str) -> str:
+    """`text` without a leading "Here is the improved ...:" line (unchanged if nothing follows it)."""
+    stripped = PREAMBLE.sub("", text, count=1)
+    return stripped if stripped.strip() else text
+
+
 def _tgd_step(tgm: Any, variable: Any, engine: Any, constraints: list[str]) -> str | None:
     """One TGD step on `variable`; its new value, or None when the reply lacked the tags."""
+    before = variable.value
     optimizer = tgm.tg.TGD([variable], engine=engine, constraints=constraints)
     try:
         optimizer.step()
     except IndexError:
         # TGD.step indexes into reply.split('<IMPROVED_VARIABLE>'); small teachers omit the tags.
         return None
+    if not PREAMBLE.match(before):  # a text that itself opens with "Here is ...:" keeps that line
+        variable.set_value(strip_preamble(variable.value))
     return variable.value
 
 
