@@ -292,8 +292,9 @@ def budgeted_epoch(student, cache, max_calls, concurrency, engine=None):
 
 
 def test_budget_funds_whole_attempts_in_id_order_at_any_concurrency(student, tmp_path):
-    # A whole attempt is 4 calls x max_iters 2 = 8; 20 calls fund the first two samples (and the
-    # third's 8 do not fit in the 4 left), whatever the concurrency.
+    # A whole attempt is 4 calls x max_iters 2 = 8; of 20 calls, 1 is set aside for the system-prompt
+    # step, and the 19 left fund the first two samples (the third's 8 do not fit in the 3 left),
+    # whatever the concurrency.
     runs = [budgeted_epoch(student, tmp_path / f"cache{n}", 20, n) for n in (1, 4)]
     for result, _ in runs:
         result.log["seconds"] = 0.0
@@ -305,22 +306,31 @@ def test_budget_funds_whole_attempts_in_id_order_at_any_concurrency(student, tmp
     pd.testing.assert_frame_equal(runs[0][0].log, runs[1][0].log)
     pd.testing.assert_frame_equal(runs[0][0].train, runs[1][0].train)
     stats = runs[1][1].stats()
-    # 16 for the two samples, then one of the 4 left for the end-of-epoch system-prompt step.
+    # 16 for the two samples, then the reserved one for the end-of-epoch system-prompt step.
     assert stats["requests"] == 17 and stats["by_kind"]["rewrite"]["calls"] == 5
     assert [e["label"] for e in runs[1][1].call_log()] == [""] + ["ex-train-0000"] * 8 + ["ex-train-0001"] * 8
 
 
+def test_the_system_prompt_step_is_funded_before_the_samples(student, tmp_path):
+    # 16 calls would fund two whole attempts of 8 and leave the prompt step nothing; reserving its
+    # call first funds one sample and the prompt.
+    result, teacher = budgeted_epoch(student, tmp_path / "cache", 16, 4)
+    assert result.log["id"].tolist() == ["ex-train-0000"]
+    assert result.metrics["system_prompt_update"] == "accepted"
+    assert teacher.stats()["requests"] == 9
+
+
 def test_killed_then_resumed_epoch_equals_an_uninterrupted_one(student, tmp_path):
-    whole, _ = budgeted_epoch(student, tmp_path / "whole", 40, 4)
+    whole, _ = budgeted_epoch(student, tmp_path / "whole", 41, 4)
     with pytest.raises(KeyboardInterrupt):
-        budgeted_epoch(student, tmp_path / "killed", 40, 4, engine=ScriptedEngine(kill_after=11))
-    resumed, teacher = budgeted_epoch(student, tmp_path / "killed", 40, 4)
+        budgeted_epoch(student, tmp_path / "killed", 41, 4, engine=ScriptedEngine(kill_after=11))
+    resumed, teacher = budgeted_epoch(student, tmp_path / "killed", 41, 4)
     assert teacher.stats()["cache_hits"] >= 8  # the completed calls were not made again
     for result in (whole, resumed):
         result.log["seconds"] = 0.0
     pd.testing.assert_frame_equal(whole.log, resumed.log)
     pd.testing.assert_frame_equal(whole.train, resumed.train)
-    assert whole.log["id"].tolist() == [f"ex-train-000{i}" for i in range(5)]  # 40 calls: 5 samples
+    assert whole.log["id"].tolist() == [f"ex-train-000{i}" for i in range(5)]  # 41 calls: 1 + 5 samples
 
 
 class AnswersRightWhenHinted:

@@ -1,6 +1,7 @@
 """One epoch's symbolic update: the selected samples the student gets wrong are rewritten in parallel
 within the teacher's budget (reserved per sample in id order, so the outcome does not depend on
-concurrency or on a kill and resume), checked, re-asked, and logged."""
+concurrency or on a kill and resume), checked, re-asked, and logged; then the system prompt is
+revised from their critiques (its one call is reserved before any sample is funded)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class EpochRewrite:
 
 
 PROPOSAL_COUNTS = ("made", "tagged", "passed_checks", "student_correct_after")
+PROMPT_STEP_CALLS = 1  # the end-of-epoch system-prompt update: one TGD step
 
 
 def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: Student,
@@ -211,8 +213,10 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
         progress: show a tqdm bar over samples.
         similarity: for the 'off_topic' check; loaded with `minilm_similarity()` when
             `cfg.similarity_threshold` is set and none is given.
-        budget: the teacher's budget (the `CachedTeacher`); samples are funded from it in id order,
-            so the outcome does not depend on `concurrency`. None: no reservations.
+        budget: the teacher's budget (the `CachedTeacher`); with `cfg.update_system_prompt`, the
+            prompt step's call is set aside first (the samples would otherwise spend it all), then
+            samples are funded in id order, so the outcome does not depend on `concurrency`.
+            None: no reservations.
 
     Returns:
         EpochRewrite: the next epoch's table (accepted rewrites replace `question`, and an accepted
@@ -230,6 +234,9 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
         similarity = minilm_similarity()
     samples, outputs = _candidates(train, selected)
     stop = threading.Event()
+    prompt_allowance = None
+    if budget is not None and cfg.update_system_prompt and samples:
+        prompt_allowance = budget.reserve(PROMPT_STEP_CALLS, label="")
     results, unfunded = _run_samples(samples, outputs, rewriter, student, cfg, similarity, concurrency,
                                      budget, stop, progress)
     rows = [row for row, _ in results]
@@ -241,7 +248,8 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
                             "correct_after": bool})
     next_train = _next_train(train, log_df, epoch, engine_name)
     system_prompt = system_prompt_of(train)
-    new_prompt, prompt_reason = _next_system_prompt(rewriter, system_prompt, log_df, cfg)
+    with contextlib.nullcontext() if prompt_allowance is None else budget.drawing_from(prompt_allowance):
+        new_prompt, prompt_reason = _next_system_prompt(rewriter, system_prompt, log_df, cfg)
     if prompt_reason == "accepted":
         next_train["system_prompt"] = new_prompt
     rejected = log_df[~log_df["accepted"]]["reason"].value_counts().sort_index()
