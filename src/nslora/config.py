@@ -226,9 +226,10 @@ class TeacherConfig:
     max_calls_per_epoch: int = _help(
         "Budget of requests to the teacher per epoch, retries included. With "
         "symbolic.update_system_prompt, 1 is set aside for the prompt step first; the rest funds "
-        "whole attempts (4 calls x symbolic.max_iters) of the selected samples in id order before they start, so "
-        "the outcome does not depend on concurrency or on a kill and resume (a funded sample's "
-        "cached replies count against its share); unfunded samples keep their questions.", 200,
+        "whole attempts (4 calls x symbolic.max_iters) of the selected samples in id order before "
+        "they start, so the outcome does not depend on concurrency or on a kill and resume (a "
+        "funded sample's cached replies count against its share); unfunded samples keep their "
+        "questions.", 200,
         valid=NON_NEGATIVE)
 
 
