@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 
 import pytest
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 
 from nslora.config import LoraParams, TrainConfig
 from nslora.schemas import SAMPLE_STATS, to_table
+from nslora.numerical.allocator import retain_freed_memory
 from nslora.numerical.losses import AnswerLoss
 from nslora.numerical.training import (BATCHES_FILE, STATE_FILE, LoraTrainer, TrainingDataError, collate,
                              compose_batches, encode_all, init_adapter, load_training_state, rng_state,
@@ -160,3 +163,24 @@ def test_training_state_loads_without_unpickling_code(tmp_path):
     with pytest.raises(ValueError, match=r"training_state\.pt: not a plain training state"):
         load_training_state(tmp_path)
     assert _RunsCodeWhenUnpickled.ran == []
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_freed_activations_stay_in_the_heap():
+    """A 16 MB tensor (a step's attention weights are a few MB) comes from the heap, not from a
+    fresh mmap that is unmapped on free and page-faulted back in on the next step."""
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        pytest.skip("glibc >= 2.33 (mallinfo2) is needed to read the allocator's mmapped bytes")
+    mallinfo2.restype = _MallInfo2
+    assert retain_freed_memory()
+    before = mallinfo2().hblkhd
+    block = torch.ones(16 << 20, dtype=torch.uint8)
+    mmapped = mallinfo2().hblkhd - before
+    del block
+    assert mmapped < 16 << 20

@@ -35,6 +35,7 @@ from .. import prompts
 from ..config import LoraParams, TrainConfig, to_dict
 from ..models import load_model, load_tokenizer, model_source, resolve_dtype
 from ..schemas import system_prompt_of
+from .allocator import retain_freed_memory
 from .losses import AnswerLoss
 from .persample import PerSampleGradNorms
 
@@ -281,6 +282,7 @@ class LoraTrainer:
         from accelerate import Accelerator
         from peft import PeftModel
 
+        retain_freed_memory()  # activations are re-allocated every step: keep their pages mapped
         self.base_dir, self.adapter_dir, self.train = Path(base_dir), Path(adapter_dir), train
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
