@@ -88,6 +88,28 @@ def test_generation_speedups_keep_outputs(tiny_model_dir, test_parquet):
     assert expected["output"].tolist() == ours["output"].tolist()
 
 
+def test_packed_linear_weights_give_bit_identical_logits(tiny_model_dir):
+    """Generation's pre-packed bf16 weights are a layout change only: logits equal the plain
+    `linear`'s bit for bit, at decoding and prefill sizes; with gradients on, the plain path runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nslora.models import pack_linear_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    batches = [torch.randint(5, 300, (rows, width), generator=torch.Generator().manual_seed(rows))
+               for rows, width in ((1, 1), (7, 1), (33, 1), (4, 40))]
+    with torch.inference_mode():
+        expected = [model(ids).logits for ids in batches]
+    if not pack_linear_weights(model):
+        pytest.skip("oneDNN has no bf16 support on this CPU: nothing is packed")
+    with torch.inference_mode():
+        for ids, logits in zip(batches, expected):
+            assert torch.equal(model(ids).logits, logits), ids.shape
+    model(batches[0]).logits.sum().backward()  # the packed copy is frozen: training must not use it
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
 @pytest.mark.parametrize("output, flexible, strict", [
     ("Each dog has 4 legs.\n2 * 4 = 8\n#### 8", "8", "8"),
     ("The answer is 1,234.", "1,234.", "[invalid]"),  # as lm-eval; normalize drops the dot

@@ -339,12 +339,13 @@ def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, attent
 
 
 def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Two fixes that make batched CPU generation ~2x faster without changing what is computed.
+    """Fixes that make batched CPU generation faster without changing what is computed.
 
     - peft keeps adapter weights in float32 over a bf16 base, so every LoRA call copies its input to
       float32 and runs a slow rank-r float32 matmul; inference casts them to the base dtype.
     - The LM head receives a non-contiguous slice (last position only); on CPU that sends
       `linear` through a batched matmul that materialises batch x hidden x vocab. Make it contiguous.
+    - bf16 linear weights are packed once into oneDNN's blocked layout (`pack_linear_weights`).
     """
     for name, param in model.named_parameters():
         if "lora_" in name and param.dtype != dtype:
@@ -352,6 +353,36 @@ def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    pack_linear_weights(model)
+
+
+def _packed_linear(module: torch.nn.Linear, packed: torch.Tensor, version: int):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if module.weight._version != version or x.dtype != packed.dtype or torch.is_grad_enabled():
+            return torch.nn.functional.linear(x, module.weight, module.bias)  # weight changed, or training
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+    return forward
+
+
+def pack_linear_weights(model: torch.nn.Module, batch_hint: int = 32) -> int:
+    """Give every bf16 `nn.Linear` on the CPU a copy of its weight in oneDNN's blocked layout, for
+    inference. `linear` re-orders the weight into that layout on every call; at decoding sizes
+    (a few dozen rows) that is 5-15% of a projection and ~30% of the vocabulary matmul (measured
+    on SmolLM2's shapes, AVX512-BF16), and the results are bit-identical (same kernel, same
+    blocking; `tests/test_evaluation.py` checks). Calls with gradients on, or after the weight
+    changed in place, take the plain path. Costs one more copy of the weights. Returns how many
+    layers were packed (0 where oneDNN has no bf16 support)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return 0
+    packed = 0
+    for module in model.modules():
+        if (type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
+                and module.weight.device.type == "cpu" and "forward" not in vars(module)):
+            weight = module.weight.detach()
+            module.forward = _packed_linear(module, torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint),
+                                            module.weight._version)
+            packed += 1
+    return packed
 
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma): generation stops at them.
