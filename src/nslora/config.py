@@ -149,7 +149,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = _help("Generation batch size of lm-eval's HF backend.", 32, valid=AT_LEAST_1)
+    batch_size: int = _help("Rows the evaluate stage decodes together (64 measured fastest on CPU).", 64,
+                            valid=AT_LEAST_1)
     max_new_tokens: int = _help("New tokens per answer (gsm8k_cot_zeroshot uses 256).", 256,
                                  valid=AT_LEAST_1)
     limit: int | None = _help("Evaluate only the first N test examples (None = all).", None,

@@ -338,14 +338,15 @@ def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, attent
         model_dir, dtype=dtype, attn_implementation=resolve_attention(attention, device, training=True))
 
 
-def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype, pack_weights: bool = True) -> None:
     """Fixes that make batched CPU generation faster without changing what is computed.
 
     - peft keeps adapter weights in float32 over a bf16 base, so every LoRA call copies its input to
       float32 and runs a slow rank-r float32 matmul; inference casts them to the base dtype.
     - The LM head receives a non-contiguous slice (last position only); on CPU that sends
       `linear` through a batched matmul that materialises batch x hidden x vocab. Make it contiguous.
-    - bf16 linear weights are packed once into oneDNN's blocked layout (`pack_linear_weights`).
+    - bf16 linear weights are packed once into oneDNN's blocked layout (`pack_linear_weights`),
+      unless `pack_weights` is off (the copy costs memory a caller may need more).
     """
     for name, param in model.named_parameters():
         if "lora_" in name and param.dtype != dtype:
@@ -353,7 +354,8 @@ def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-    pack_linear_weights(model)
+    if pack_weights:
+        pack_linear_weights(model)
 
 
 def _packed_linear(module: torch.nn.Linear, packed: torch.Tensor, version: int):

@@ -133,8 +133,10 @@ class LocalEngine:
         self.dtype = resolve_dtype(precision, self.device)
         self.tokenizer = load_tokenizer(model_dir)
         self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
-        speed_up_generation(self.lm, self.dtype)
         self.int8_decode = int8_decode and int8_decode_available(self.dtype, self.device)
+        # Decoding reads the int8 copies; a packed bf16 copy as well would cost a teacher's size
+        # in memory again for prefill alone.
+        speed_up_generation(self.lm, self.dtype, pack_weights=not self.int8_decode)
         if self.int8_decode:
             use_int8_decode(self.lm, max_rows=max(16, max_batch))
         self.stop_ids = stop_token_ids(self.tokenizer)
