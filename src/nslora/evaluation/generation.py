@@ -150,7 +150,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
             out = model(input_ids=ids, attention_mask=group_mask,
                         position_ids=(group_mask.cumsum(-1) - 1).clamp(min=0),
                         past_key_values=group_cache, use_cache=True, logits_to_keep=1)
-            first = out.logits[:, -1].argmax(-1)
+            first = _argmax(out.logits[:, -1])
             group_positions = group_mask.sum(-1)
             if cache is None:
                 cache, mask, last, positions = group_cache, group_mask, first, group_positions
@@ -163,7 +163,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = model(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None],
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-            last = out.logits[:, -1].argmax(-1)
+            last = _argmax(out.logits[:, -1])
             positions = positions + 1
             for row, token in zip(rows, last.tolist()):
                 row.tokens.append(int(token))
@@ -189,6 +189,13 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
                     layer.drop_front(start)
                 mask = mask[:, start:]
     return results  # type: ignore[return-value]
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens. In float32, as transformers' `generate` takes them (ties resolve alike); torch's
+    bf16 argmax over a vocabulary is also 3x slower on CPU (64 x 49152: 5.7 ms against 1.9 ms with
+    the cast), 2% of a decoding step."""
+    return logits.float().argmax(-1)
 
 
 def _join(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
