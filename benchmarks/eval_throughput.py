@@ -9,8 +9,7 @@ template, system prompt). The fair baseline is lm-eval's HF backend as a compete
 this machine: bf16 weights where bf16 is fast (else fp32), `max_length=2048` (prompt and answer
 fit; lm-eval's `auto` probes at max_length), at each of --batch-sizes; the fastest is the baseline. `--old` adds the old baseline,
 lm-eval as it comes (model dtype, batch size 1). The stage uses its own settings (params' eval
-batch size and draft tokens, bf16, its generation fixes); --also-draft-tokens adds runs of it with
-other eval.draft_tokens.
+batch size, bf16, its generation fixes).
 
 Since decoding is greedy, the generated texts are compared answer by answer with the baseline's:
 `identical` counts the exact matches; each difference is listed with the first differing character,
@@ -45,7 +44,7 @@ def limit_memory() -> None:
 
 
 def run_side(side: str, model_dir: str, test_path: str, system_prompt: str) -> dict:
-    """One side: "ours" (or "ours_drafts<N>"), "lm_eval_old" (model dtype, batch 1) or "lm_eval_bs<N>"/"lm_eval_bsauto"."""
+    """One side: "ours", "lm_eval_old" (model dtype, batch 1) or "lm_eval_bs<N>"/"lm_eval_bsauto"."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -54,11 +53,10 @@ def run_side(side: str, model_dir: str, test_path: str, system_prompt: str) -> d
     from nslora.models import resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if side.startswith("ours"):
-        drafts = side.removeprefix("ours_drafts")
-        cfg = EvalConfig() if side == "ours" else EvalConfig(draft_tokens=int(drafts))
+    if side == "ours":
+        cfg = EvalConfig()
         summary, predictions = evaluate(model_dir, None, test_path, system_prompt, cfg)
-        settings = {"batch_size": cfg.batch_size, "draft_tokens": cfg.draft_tokens}
+        settings = {"batch_size": cfg.batch_size}
     else:
         batch = side.removeprefix("lm_eval_bs") if side != "lm_eval_old" else "1"
         # bf16 where it is fast, else fp32 (emulated bf16 is slower): what `precision: auto` gives ours.
@@ -92,8 +90,6 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16,32,64",
                         help="lm-eval batch sizes to try (`auto` too, but its probe at max_length takes >10 min on CPU).")
     parser.add_argument("--old", action="store_true", help="Also run lm-eval as it comes (batch size 1).")
-    parser.add_argument("--also-draft-tokens", default="",
-                        help="Also run the stage with these eval.draft_tokens (e.g. 0,2), as sides ours_drafts<N>.")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--test", help=argparse.SUPPRESS)
     parser.add_argument("--system-prompt", help=argparse.SUPPRESS)
@@ -108,7 +104,6 @@ def main() -> None:
     from nslora.schemas import EXAMPLES, write_table
 
     sides = [f"lm_eval_bs{b.strip()}" for b in args.batch_sizes.split(",")] + ["ours"]
-    sides += [f"ours_drafts{n.strip()}" for n in args.also_draft_tokens.split(",") if n.strip()]
     if args.old:
         sides.insert(0, "lm_eval_old")
     results = {}
@@ -143,10 +138,6 @@ def main() -> None:
                # moves greedy bf16 texts, the yardstick for ours' differences.
                "lm_eval_identical_vs_best": {s: compare(results[best]["outputs"], results[s]["outputs"])["identical"]
                                              for s in fair if s != best}}
-    for side in sides:
-        if side.startswith("ours_drafts") and "outputs" in results[side]:
-            summary[f"speedup_{side}"] = round(results[side]["questions_per_s"] / results[best]["questions_per_s"], 2)
-            summary[f"identical_{side}_vs_best"] = compare(results[side]["outputs"], results[best]["outputs"])["identical"]
     if "questions_per_s" in results.get("lm_eval_old", {}):
         summary["speedup_old"] = round(ours["questions_per_s"] / results["lm_eval_old"]["questions_per_s"], 2)
     for side in results.values():

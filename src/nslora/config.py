@@ -155,11 +155,6 @@ class EvalConfig:
                                  valid=AT_LEAST_1)
     limit: int | None = _help("Evaluate only the first N test examples (None = all).", None,
                               valid=AT_LEAST_1)
-    draft_tokens: int = _help(
-        "Prompt-lookup drafts each decoding step verifies per row (0 = one token per step). Answers "
-        "repeat the question's numbers and phrases; a right draft is a token without a step of its own. "
-        "Same greedy answers up to float rounding; measured on CPU at batch 64: 3 fastest for SmolLM2.",
-        3, valid=NON_NEGATIVE)
 
 
 CRITERIA = ("random", "grad_norm", "loss_ratio", "reward")

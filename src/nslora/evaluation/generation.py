@@ -9,11 +9,8 @@ with answers of 40 to 256 tokens, most of the rows of a late step are padding th
 full forward. Here each step runs only the rows still generating; when half of the slots are free,
 the next questions are prefilled as a group and their KV cache joins the batch (left-padded to the
 longer of the two, the padding masked). Columns that are padding for every row are dropped again.
-With `draft_tokens` each step also checks a few tokens guessed by prompt lookup (`PromptLookup`):
-the right guesses are kept, so one forward can yield several tokens of a row.
 Greedy tokens are the argmax of the same logits; what can differ from lm-eval's batches is float
-rounding where a row's neighbours and padding differ (as between lm-eval's own batch sizes), and
-where a step computes several positions at once instead of one.
+rounding where a row's neighbours and padding differ (as between lm-eval's own batch sizes).
 """
 
 from __future__ import annotations
@@ -35,46 +32,6 @@ class _Row:
 
     index: int
     tokens: list[int] = field(default_factory=list)
-    lookup: "PromptLookup | None" = None
-
-    def append(self, token: int) -> None:
-        self.tokens.append(token)
-        if self.lookup is not None:
-            self.lookup.append(token)
-
-
-class PromptLookup:
-    """Draft tokens for a row by prompt lookup: find the latest earlier occurrence of the row's last
-    3 (else 2, else 1) tokens in its prompt and answer so far, and propose what followed it. Answers
-    restate the question's numbers and repeat their own phrases ("= 12 legs. ... 12 legs"), so a
-    draft is often what greedy decoding says next. Each n-gram maps to the position after its latest
-    occurrence that has a continuation, kept up to date as tokens are appended."""
-
-    LONGEST = 3
-
-    def __init__(self, prompt: list[int]):
-        self.history: list[int] = []
-        self.after: dict[tuple[int, ...], int] = {}
-        for token in prompt:
-            self.append(token)
-
-    def append(self, token: int) -> None:
-        end = len(self.history)  # the n-grams ending here now have `token` after them
-        for n in range(1, min(self.LONGEST, end) + 1):
-            self.after[tuple(self.history[end - n:end])] = end
-        self.history.append(token)
-
-    def draft(self, count: int) -> list[int]:
-        """`count` proposed next tokens (padded with the last one: a wrong draft costs nothing but its
-        column, and a padded token that greedy decoding happens to pick is still a right token)."""
-        for n in range(min(self.LONGEST, len(self.history)), 0, -1):
-            start = self.after.get(tuple(self.history[-n:]))
-            if start is not None:
-                proposal = self.history[start:start + count]
-                break
-        else:
-            proposal = []
-        return proposal + [self.history[-1]] * (count - len(proposal))
 
 
 class GrowingLayer(DynamicLayer):
@@ -116,10 +73,6 @@ class GrowingLayer(DynamicLayer):
             length = self.keys.shape[2]
             self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
             self._view(length)
-
-    def drop_back(self, columns: int) -> None:
-        """Forget the last `columns` positions (rejected drafts of every row)."""
-        self._view(self.keys.shape[2] - columns)
 
     def drop_front(self, columns: int) -> None:
         """Forget the first `columns` positions (padding for every row left)."""
@@ -169,15 +122,12 @@ def supports_continuous_batching(model: torch.nn.Module) -> bool:
 @torch.inference_mode()
 def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                     stop_ids: set[int], stopped: Callable[[list[int]], bool] | None = None,
-                    progress: Callable[[int], None] | None = None, draft_tokens: int = 0) -> list[list[int]]:
+                    progress: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids), each ending at a token of `stop_ids` (kept),
     when `stopped(tokens)` says so (e.g. a stop string appeared), or at `max_new_tokens`.
 
     Prompts are taken in the given order; at most `batch_size` rows generate at once. `progress` is
-    called with the number of answers finished at each step. With `draft_tokens` > 0 each step also
-    verifies that many `PromptLookup` drafts per row: a row keeps the drafts that match its greedy
-    tokens, plus the token after them, so a step yields 1 to draft_tokens + 1 tokens per row; the
-    columns of rejected drafts stay in the cache, masked."""
+    called with the number of answers finished at each step."""
     device = next(model.parameters()).device
     pending = list(range(len(prompts)))[::-1]  # pop() takes the next in order
     results: list[list[int] | None] = [None] * len(prompts)
@@ -208,34 +158,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
                 mask = _join(cache, mask, group_cache, group_mask)
                 last = torch.cat([last, first])
                 positions = torch.cat([positions, group_positions])
-            for i, token in zip(group, first.tolist()):
-                rows.append(_Row(i, lookup=PromptLookup(prompts[i]) if draft_tokens else None))
-                rows[-1].append(int(token))
-        elif draft_tokens:
-            width = draft_tokens + 1
-            ids = torch.cat([last[:, None], torch.tensor([row.lookup.draft(draft_tokens) for row in rows],
-                                                         device=device)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(len(rows), width)], dim=1)
-            out = model(input_ids=ids, attention_mask=mask,
-                        position_ids=positions[:, None] + torch.arange(width, device=device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=width)
-            greedy = _argmax(out.logits)
-            # Drafts accepted: the leading ones equal to the greedy token at the position before them.
-            accepted = (ids[:, 1:] == greedy[:, :-1]).int().cumprod(-1).sum(-1)
-            kept = torch.arange(width, device=device) <= accepted[:, None]
-            mask[:, -width:] = kept
-            unused = width - 1 - int(accepted.max())
-            if unused:  # columns no row kept
-                for layer in cache.layers:
-                    layer.drop_back(unused)
-                mask = mask[:, :-unused]
-            last = greedy.gather(1, accepted[:, None])[:, 0]
-            positions = positions + accepted + 1
-            for row, tokens, count in zip(rows, greedy.tolist(), accepted.tolist()):
-                for token in tokens[:count + 1]:
-                    row.append(token)
-                    if finished(row):
-                        break
+            rows += [_Row(i, [int(t)]) for i, t in zip(group, first.tolist())]
         else:
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = model(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None],
@@ -243,7 +166,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
             last = _argmax(out.logits[:, -1])
             positions = positions + 1
             for row, token in zip(rows, last.tolist()):
-                row.append(int(token))
+                row.tokens.append(int(token))
         done = [finished(row) for row in rows]
         if any(done):
             for row, is_done in zip(rows, done):
@@ -288,12 +211,7 @@ class ContinuousBatchingHFLM(HFLM):
     """lm-eval's HF model whose greedy `generate_until` runs `greedy_generate` over all requests of
     a generation setting at once; everything else (prompts, truncation, stop strings, decoding of
     the answer, the task's metrics) is lm-eval's. Sampling, `batch_size="auto"`, thinking-token
-    stripping and models `supports_continuous_batching` rejects take lm-eval's own path.
-    `draft_tokens` is passed to `greedy_generate`."""
-
-    def __init__(self, *args, draft_tokens: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.draft_tokens = draft_tokens
+    stripping and models `supports_continuous_batching` rejects take lm-eval's own path."""
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if (str(self.batch_size).startswith("auto") or self.think_end_token is not None
@@ -336,7 +254,7 @@ class ContinuousBatchingHFLM(HFLM):
         # Longest prompts first, as lm-eval orders them (similar lengths share a prefill group).
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), contexts[i]))
         tokens = greedy_generate(self.model, [prompts[i] for i in order], max_gen_toks, int(self.batch_size),
-                                 stop_ids, stopped, progress=bar.update, draft_tokens=self.draft_tokens)
+                                 stop_ids, stopped, progress=bar.update)
         texts: list[str] = [""] * len(prompts)
         for i, generated in zip(order, tokens):
             texts[i] = postprocess_generated_text(generation=self.tok_decode(generated), stop=until,

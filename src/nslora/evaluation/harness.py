@@ -61,7 +61,6 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
         peft=str(adapter_dir) if adapter_dir else None,
         dtype=str(dtype).replace("torch.", ""),
         batch_size=eval_cfg.batch_size,
-        draft_tokens=eval_cfg.draft_tokens,
         device=device,
         max_length=4096,
         attn_implementation=resolve_attention(attention, torch.device(device), training=False),
