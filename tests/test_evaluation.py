@@ -166,3 +166,21 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir):
         assert greedy_generate(model, prompts, max_new, batch_size, stop_ids, stopped,
                                progress=finished.append) == expected, f"batch size {batch_size}"
     assert sum(finished) == 4 * len(prompts)
+
+
+def test_greedy_tokens_pick_the_first_largest_logit_as_argmax_does():
+    """Two-pass argmax over vocabulary blocks: same index as float32 argmax, ties included (bf16 logits
+    rounded to a few levels tie across and within blocks), for block-divisible and odd vocabularies."""
+    import torch
+
+    from nslora.evaluation.generation import greedy_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, vocab in ((6, 151936), (5, 49152), (4, 640), (3, 1000)):
+        logits = (torch.randn(rows, vocab, generator=generator) * 2).round().to(torch.bfloat16)
+        logits[0, -1] = 50  # the maximum in the last block
+        logits[1, 7] = logits[1, vocab - 7] = 50  # a tie between the first and the last block
+        expected = logits.float().argmax(-1)
+        assert expected[1] == 7
+        assert torch.equal(greedy_tokens(logits), expected), vocab
+        assert torch.equal(greedy_tokens(logits.float()), expected), vocab

@@ -150,7 +150,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
             out = model(input_ids=ids, attention_mask=group_mask,
                         position_ids=(group_mask.cumsum(-1) - 1).clamp(min=0),
                         past_key_values=group_cache, use_cache=True, logits_to_keep=1)
-            first = _argmax(out.logits[:, -1])
+            first = greedy_tokens(out.logits[:, -1])
             group_positions = group_mask.sum(-1)
             if cache is None:
                 cache, mask, last, positions = group_cache, group_mask, first, group_positions
@@ -163,7 +163,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = model(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None],
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-            last = _argmax(out.logits[:, -1])
+            last = greedy_tokens(out.logits[:, -1])
             positions = positions + 1
             for row, token in zip(rows, last.tolist()):
                 row.tokens.append(int(token))
@@ -191,11 +191,20 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
     return results  # type: ignore[return-value]
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Greedy tokens. In float32, as transformers' `generate` takes them (ties resolve alike); torch's
-    bf16 argmax over a vocabulary is also 3x slower on CPU (64 x 49152: 5.7 ms against 1.9 ms with
-    the cast), 2% of a decoding step."""
-    return logits.float().argmax(-1)
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest logit: what transformers' `generate` picks (its float32
+    cast changes neither order nor ties). Found in two passes, the maxima of vocabulary blocks and
+    then the argmax inside the first block holding the row's maximum: torch's argmax over a whole
+    vocabulary is a slow scalar scan on CPU while `amax` is vectorised. Measured at 64 rows: 151,936
+    tokens (Qwen2.5) 2.3 ms against 22 ms for the float32 cast and argmax (12% of a decoding step),
+    49,152 (SmolLM2) 0.6 ms against 2.4 ms."""
+    rows, vocab = logits.shape
+    block = next((b for b in (1024, 512, 256, 128, 64) if vocab % b == 0), None)
+    if block is None:  # an odd vocabulary size: one pass
+        return logits.float().argmax(-1)
+    blocks = logits.reshape(rows, vocab // block, block)
+    best = blocks.amax(-1).argmax(-1)
+    return best * block + blocks[torch.arange(rows, device=logits.device), best].argmax(-1)
 
 
 def _join(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
