@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -130,10 +132,11 @@ def test_answer_comparison_normalises_like_lm_eval():
     assert answers.strict_match("#### TRUE\n", numeric=False) == "TRUE"
 
 
-def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir):
+@pytest.mark.parametrize("beginning", ["", "<|im_start|>system\nYou are a careful assistant.<|im_end|>\nQ: "])
+def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir, beginning):
     """Rows that finish leave the batch, waiting prompts join it with a left-padded cache, columns
-    that only padding uses are dropped: every continuation still equals greedy decoding of its
-    prompt alone, without a cache."""
+    that only padding uses are dropped, a beginning all prompts share is prefilled once: every
+    continuation still equals greedy decoding of its prompt alone, without a cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -144,9 +147,10 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir):
     texts = ["How many legs do 3 chickens have?", "12 + 7 - 3 =", "Each dog has 4 legs, so 2 dogs have",
              "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", "Q:", "State the final answer to the following "
              "arithmetic problem: 12 + 7 - 3", "6 + 8 =", "You are a careful assistant.", "A: Let's think"]
-    prompts = [tokenizer.encode(t) for t in texts]
+    prompts = [tokenizer.encode(beginning + t) for t in texts]
+    if beginning:  # the shared part is what the prefill computes once
+        assert len(os.path.commonprefix(prompts)) >= len(tokenizer.encode(beginning)) - 1 > 5
     max_new = 12
-
     def stopped(tokens):  # each row stops after 2..10 tokens, decided by its own first token
         return len(tokens) >= 2 + tokens[0] % 9
 
@@ -166,6 +170,31 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir):
         assert greedy_generate(model, prompts, max_new, batch_size, stop_ids, stopped,
                                progress=finished.append) == expected, f"batch size {batch_size}"
     assert sum(finished) == 4 * len(prompts)
+
+
+def test_prefill_computes_a_shared_beginning_once_with_the_same_logits(tiny_model_dir):
+    """Prompts sharing a beginning: its cache is computed for one row and copied, each prompt's own
+    tokens follow after padding; the last logits equal each prompt's own forward (positions, mask)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nslora.evaluation.generation import prefill
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    beginning = "<|im_start|>system\nYou are a careful assistant.<|im_end|>\n"
+    prompts = [tokenizer.encode(beginning + t) for t in ("Q: 2 + 2 =", "Q: How many legs do 3 cats and a hen have?", "A")]
+    shared = len(os.path.commonprefix(prompts))
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        cache, mask, logits = prefill(prompts, model, torch.device("cpu"))
+        hook.remove()
+        assert forwards == [(1, shared), (3, max(map(len, prompts)) - shared)]
+        assert mask.tolist()[2] == [1] * shared + [0] * (len(prompts[1]) - len(prompts[2])) + [1] * (len(prompts[2]) - shared)
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(logits[row], model(torch.tensor([prompt])).logits[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_tokens_pick_the_first_largest_logit_as_argmax_does():

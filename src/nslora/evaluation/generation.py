@@ -7,8 +7,8 @@ waiting questions take their places, so no step is spent on rows that are alread
 lm-eval's HF model generates a fixed batch until its longest answer ends (or hits max_gen_toks):
 with answers of 40 to 256 tokens, most of the rows of a late step are padding that still costs a
 full forward. Here each step runs only the rows still generating; when half of the slots are free,
-the next questions are prefilled as a group and their KV cache joins the batch (left-padded to the
-longer of the two, the padding masked). Columns that are padding for every row are dropped again.
+the next questions are prefilled as a group (their shared beginning once) and their KV cache joins the
+batch (left-padded to the longer of the two, the padding masked). Columns that are padding for every row are dropped again.
 Greedy tokens are the argmax of the same logits; what can differ from lm-eval's batches is float
 rounding where a row's neighbours and padding differ (as between lm-eval's own batch sizes).
 """
@@ -73,6 +73,10 @@ class GrowingLayer(DynamicLayer):
             length = self.keys.shape[2]
             self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
             self._view(length)
+
+    def repeat_rows(self, rows: int) -> None:
+        """Turn a one-row cache into `rows` copies of it (a prefix shared by a group of prompts)."""
+        self._store(self.keys.expand(rows, -1, -1, -1), self.values.expand(rows, -1, -1, -1), room=64)
 
     def drop_front(self, columns: int) -> None:
         """Forget the first `columns` positions (padding for every row left)."""
@@ -142,15 +146,8 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
         if pending and len(rows) <= batch_size // 2:
             # Prefill the next questions as one left-padded group, then join them to the batch.
             group = [pending.pop() for _ in range(min(batch_size - len(rows), len(pending)))]
-            width = max(len(prompts[i]) for i in group)
-            ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in group], device=device)
-            group_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in group],
-                                      device=device)
-            group_cache = growing_cache()
-            out = model(input_ids=ids, attention_mask=group_mask,
-                        position_ids=(group_mask.cumsum(-1) - 1).clamp(min=0),
-                        past_key_values=group_cache, use_cache=True, logits_to_keep=1)
-            first = greedy_tokens(out.logits[:, -1])
+            group_cache, group_mask, logits = prefill([prompts[i] for i in group], model, device)
+            first = greedy_tokens(logits)
             group_positions = group_mask.sum(-1)
             if cache is None:
                 cache, mask, last, positions = group_cache, group_mask, first, group_positions
@@ -189,6 +186,32 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
                     layer.drop_front(start)
                 mask = mask[:, start:]
     return results  # type: ignore[return-value]
+
+
+def prefill(prompts: list[list[int]], model: torch.nn.Module, device: torch.device):
+    """The KV cache, mask and last position's logits of a group of prompts. Their shared beginning (the
+    chat template, system prompt and instructions: 68 of ~118 tokens on the quick-start questions)
+    is computed once and its cache copied to every row; the rest of each prompt follows it,
+    left-padded, so a row's columns are [shared][padding][own tokens], the padding masked."""
+    shared = 0
+    shortest = min(len(p) for p in prompts)
+    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    if len(prompts) == 1:
+        shared = 0
+    cache = growing_cache()
+    if shared:
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        for layer in cache.layers:
+            layer.repeat_rows(len(prompts))
+    width = max(len(p) for p in prompts) - shared
+    ids = torch.tensor([[0] * (width - len(p) + shared) + p[shared:] for p in prompts], device=device)
+    mask = torch.tensor([[1] * shared + [0] * (width - len(p) + shared) + [1] * (len(p) - shared) for p in prompts],
+                        device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, mask, out.logits[:, -1]
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
