@@ -7,10 +7,11 @@ waiting questions take their places, so no step is spent on rows that are alread
 lm-eval's HF model generates a fixed batch until its longest answer ends (or hits max_gen_toks):
 with answers of 40 to 256 tokens, most of the rows of a late step are padding that still costs a
 full forward. Here each step runs only the rows still generating; when half of the slots are free,
-the next questions are prefilled as a group (their shared beginning once) and their KV cache joins the
-batch (left-padded to the longer of the two, the padding masked). Columns that are padding for every row are dropped again.
-Greedy tokens are the argmax of the same logits; what can differ from lm-eval's batches is float
-rounding where a row's neighbours and padding differ (as between lm-eval's own batch sizes).
+the next questions are prefilled as a group (their shared beginning once) and their KV cache joins
+the batch (left-padded to the longer of the two, the padding masked). Columns that are padding for
+every row are dropped again. Greedy tokens are the argmax of the same logits; what can differ from
+lm-eval's batches is float rounding where the matrix shapes differ (a row's neighbours and padding,
+the shared beginning computed for one row), as it differs between lm-eval's own batch sizes.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_to
 
     while rows or pending:
         if pending and len(rows) <= batch_size // 2:
-            # Prefill the next questions as one left-padded group, then join them to the batch.
+            # Prefill the next questions as one group, then join them to the batch.
             group = [pending.pop() for _ in range(min(batch_size - len(rows), len(pending)))]
             group_cache, group_mask, logits = prefill([prompts[i] for i in group], model, device)
             first = greedy_tokens(logits)
