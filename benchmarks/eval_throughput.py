@@ -16,9 +16,9 @@ Since decoding is greedy, the generated texts are compared answer by answer with
 so it can be explained (bf16 rounding differs with the padding of a different batch composition;
 `lm_eval_identical_vs_best` measures how much lm-eval's own texts move between its batch sizes).
 With --repeats N every side runs N times, in rounds, and its fastest run counts (this 2-core
-machine's speed drifts by ~20% between runs). Each side runs in its own process (peak RSS its own; an out-of-memory `auto` probe cannot take the
-others down). The last line is one JSON object with every side, `speedup` (questions/s against the
-fastest fair baseline) and, with --old, `speedup_old`.
+machine's speed drifts by ~20% between runs). Each side runs in its own process (peak RSS its own;
+an out-of-memory `auto` probe cannot take the others down). The last line is one JSON object with
+every side, `speedup` (questions/s against the fastest fair baseline) and, with --old, `speedup_old`.
 """
 
 from __future__ import annotations
@@ -115,9 +115,10 @@ def main() -> None:
         data = DataConfig(train_size=1, test_size=args.questions)
         _, test = prepare_examples(data)
         test_path = str(write_table(test, Path(tmp) / "test.parquet", EXAMPLES))
+        runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):  # rounds of every side in turn: a slow spell hits all sides alike
             for side in sides:
-                if "failed" in results.get(side, {}):
+                if side in results:  # failed before
                     continue
                 out = subprocess.run([sys.executable, __file__, "--side", side, "--model-dir", model_dir,
                                       "--test", test_path, "--system-prompt", data.system_prompt],
@@ -127,12 +128,13 @@ def main() -> None:
                     print(f"{side:16s} failed (exit {out.returncode})", flush=True)
                     continue
                 run = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.setdefault(side, []).append(run)
                 print(f"{side:16s} {run['questions_per_s']:.3f} questions/s ({run['seconds']} s, "
                       f"peak RSS {run['peak_rss_mb']} MB)", flush=True)
-                best_run = results.get(side)
-                if best_run is None or run["questions_per_s"] > best_run["questions_per_s"]:
-                    results[side] = {**run, "runs_questions_per_s": (best_run or {}).get("runs_questions_per_s", [])}
-                results[side]["runs_questions_per_s"].append(run["questions_per_s"])
+        for side, side_runs in runs.items():
+            if side not in results:
+                results[side] = {**max(side_runs, key=lambda run: run["questions_per_s"]),
+                                 "runs_questions_per_s": [run["questions_per_s"] for run in side_runs]}
 
     fair = [s for s in sides if s.startswith("lm_eval_bs") and "questions_per_s" in results[s]]
     if "questions_per_s" not in results["ours"] or not fair:

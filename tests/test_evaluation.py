@@ -151,6 +151,7 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir, beginn
     if beginning:  # the shared part is what the prefill computes once
         assert len(os.path.commonprefix(prompts)) >= len(tokenizer.encode(beginning)) - 1 > 5
     max_new = 12
+
     def stopped(tokens):  # each row stops after 2..10 tokens, decided by its own first token
         return len(tokens) >= 2 + tokens[0] % 9
 

@@ -17,6 +17,7 @@ the shared beginning computed for one row), as it differs between lm-eval's own 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -194,21 +195,17 @@ def prefill(prompts: list[list[int]], model: torch.nn.Module, device: torch.devi
     chat template, system prompt and instructions: 68 of ~118 tokens on the quick-start questions)
     is computed once and its cache copied to every row; the rest of each prompt follows it,
     left-padded, so a row's columns are [shared][padding][own tokens], the padding masked."""
-    shared = 0
-    shortest = min(len(p) for p in prompts)
-    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
-        shared += 1
-    if len(prompts) == 1:
-        shared = 0
+    # Each row keeps at least its last prompt token for the second forward (its logits are needed).
+    shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
     cache = growing_cache()
     if shared:
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
         for layer in cache.layers:
             layer.repeat_rows(len(prompts))
-    width = max(len(p) for p in prompts) - shared
-    ids = torch.tensor([[0] * (width - len(p) + shared) + p[shared:] for p in prompts], device=device)
-    mask = torch.tensor([[1] * shared + [0] * (width - len(p) + shared) + [1] * (len(p) - shared) for p in prompts],
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p[shared:] for p in prompts], device=device)
+    mask = torch.tensor([[1] * shared + [0] * (longest - len(p)) + [1] * (len(p) - shared) for p in prompts],
                         device=device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:],
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
