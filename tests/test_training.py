@@ -184,3 +184,27 @@ def test_freed_activations_stay_in_the_heap():
     mmapped = mallinfo2().hblkhd - before
     del block
     assert mmapped < 16 << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_matches_full_logits_across_chunks(dtype, monkeypatch):
+    import nslora.numerical.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 97 * 3)  # 3 rows a chunk: 7 rows span 3 chunks
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.randn(97, 16, generator=gen, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 97, (7,), generator=gen)
+    scale = torch.linspace(0.5, 2.0, 7)
+
+    ours = losses.LinearCrossEntropy.apply(hidden, weight, targets)
+    (ours * scale).sum().backward()
+    ours_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+    (reference * scale).sum().backward()
+
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(ours, reference.detach(), **tol)
+    torch.testing.assert_close(ours_grads[0], hidden.grad, **tol)
+    torch.testing.assert_close(ours_grads[1], weight.grad, **tol)
