@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -208,3 +209,73 @@ def test_linear_cross_entropy_matches_full_logits_across_chunks(dtype, monkeypat
     torch.testing.assert_close(ours, reference.detach(), **tol)
     torch.testing.assert_close(ours_grads[0], hidden.grad, **tol)
     torch.testing.assert_close(ours_grads[1], weight.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_grouped_eager_attention_matches_transformers_eager(tiny_model_dir, dtype, tol):
+    """Training's CPU attention computes what transformers' eager attention computes: same logits at
+    every real position of a right-padded batch, same gradients (the tiny Llama has 2 query heads per
+    key/value head). In bf16 the scale is rounded onto the queries and the softmax backward runs in
+    bf16, hence the looser tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from nslora.numerical.training import load_model
+
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    results = []
+    for model in (AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="eager"),
+                  load_model(tiny_model_dir, dtype=dtype)):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits.float()[mask.bool()] ** 2).mean().backward()
+        results.append((logits[mask.bool()].float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    assert load_model(tiny_model_dir).config._attn_implementation == "grouped_eager"
+    (eager_logits, eager_grads), (ours_logits, ours_grads) = results
+    torch.testing.assert_close(ours_logits, eager_logits, rtol=tol, atol=tol)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=tol, atol=tol * grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_linear_matches_peft(dropout):
+    """The fused LoRA linear (installed by the per-sample tracker) gives peft's outputs and
+    gradients, with a biased base layer (Qwen's q/k/v) and with dropout on the LoRA branch; its
+    per-sample norms equal each sample's own backward."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from nslora.numerical.persample import PerSampleGradNorms
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6, bias=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0", "2"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)  # make both factors get gradients
+    fused_model = copy.deepcopy(peft_model)
+    tracker = PerSampleGradNorms(fused_model)
+    x = torch.randn(3, 5, 12)
+
+    def run(model, inputs, record=False):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks on both sides
+        with tracker if record else contextlib.nullcontext():
+            out = model(inputs)
+            (out ** 2).sum(dim=(1, 2)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    ref_out, ref_grads = run(peft_model, x)
+    out, grads = run(fused_model, x, record=True)
+    torch.testing.assert_close(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name])
+    if dropout == 0.0:  # a lone sample sees other dropout masks than inside the batch
+        norms = tracker.norms()
+        for i in range(3):
+            _, alone = run(peft_model, x[i:i + 1])
+            expected = torch.cat([g.flatten() for g in alone.values()]).norm()
+            torch.testing.assert_close(norms[i], expected)

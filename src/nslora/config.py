@@ -61,7 +61,8 @@ class ModelConfig:
         "auto",
     )
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _help(
-        "Attention kernel. 'auto': sdpa, except eager for training on a CPU (measured faster there).",
+        "Attention kernel. 'auto': sdpa, except nslora's grouped eager attention for training on a "
+        "CPU (measured faster there).",
         "auto",
     )
     trust_remote_code: bool = _help("Passed to transformers for hub models with custom code.", False)

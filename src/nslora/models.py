@@ -319,23 +319,11 @@ def load_tokenizer(model_dir: Path | str):
     return tokenizer
 
 
-def resolve_attention(attention: str, device: torch.device, training: bool) -> str:
-    """The attention kernel for `model.attention`. 'auto' is sdpa, except for training on a CPU:
-    there eager ran ~25% faster at these lengths (sdpa's CPU flash backward is slow in bf16), while
-    for generation sdpa is ~1.7x faster (eager copies the whole grouped KV cache every step)."""
-    if attention != "auto":
-        return attention
-    return "eager" if training and device.type == "cpu" else "sdpa"
-
-
-def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, attention: str = "auto",
-               device: torch.device = torch.device("cpu")):
-    """Load a materialised base model for training. Frozen base weights are stored in `dtype` (bf16
-    halves the memory and runs the big matmuls at bf16 speed); LoRA weights stay float32."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=resolve_attention(attention, device, training=True))
+def resolve_attention(attention: str) -> str:
+    """The attention kernel for `model.attention` in generation: 'auto' is sdpa (~1.7x faster than
+    eager on a CPU, which copies the whole grouped KV cache every step). Training resolves 'auto'
+    itself (numerical.training.load_model)."""
+    return "sdpa" if attention == "auto" else attention
 
 
 def speed_up_generation(model: torch.nn.Module, dtype: torch.dtype, pack_weights: bool = True) -> None:

@@ -63,7 +63,7 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
         batch_size=eval_cfg.batch_size,
         device=device,
         max_length=4096,
-        attn_implementation=resolve_attention(attention, torch.device(device), training=False),
+        attn_implementation=resolve_attention(attention),
     )
     speed_up_generation(lm.model, dtype)
     if adapter_dir and getattr(lm.model, "peft_type", None) == "PREFIX_TUNING":

@@ -2,8 +2,8 @@
 
 The vocabulary projection is the largest tensor of a naive loss (batch x length x vocab floats, e.g.
 8 x 256 x 49152 x 4 bytes = 400 MB for SmolLM2) and its float32 softmax dominated the step time on a
-CPU. Here logits exist only at answer positions, a chunk of rows at a time, and the float32 softmax
-is fused with the log and kept in the compute dtype for the backward pass.
+CPU. Here logits exist only at answer positions, the float32 softmax runs a few rows at a time, and
+only the probabilities are kept, in the compute dtype, for the backward pass.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# A chunk's float32 log-probabilities stay below glibc's mmap threshold (32 MB, see allocator.py),
-# so they reuse heap pages instead of being page-faulted in afresh: with 256 rows of SmolLM2's 49k
-# vocabulary (50 MB) the softmax and its copy ran at a fifth of memory speed.
-CHUNK_BYTES = 16 << 20
+# The float32 softmax runs over a few rows at a time, so its temporary stays in the core's cache
+# (2 MB of L2 here): over a whole 256-row chunk of SmolLM2's 49k vocabulary (50 MB) the softmax and
+# its copies ran at a fifth of memory speed.
+CHUNK_BYTES = 1 << 20
 
 
 def chunk_rows(vocab: int) -> int:
@@ -24,25 +24,30 @@ def chunk_rows(vocab: int) -> int:
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` against `targets`, per row.
 
-    Only the softmax probabilities are kept for the backward pass, in the weight's dtype (bf16 on a
-    bf16 run): half the memory of float32 logits, and no recomputation of the vocabulary matmul.
+    The vocabulary matmul runs once over all rows in each direction: a frozen bf16 weight is re-laid
+    out for the CPU's matmul kernel on every call (56 MB for SmolLM2), which at a few dozen rows per
+    call cost more than the multiplication. Only the softmax probabilities are kept for the backward
+    pass, in the weight's dtype, written over the logits: no logits or probability temporaries.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        probs = torch.empty((hidden.shape[0], weight.shape[0]), dtype=weight.dtype, device=hidden.device)
-        step = chunk_rows(weight.shape[0])
         with torch.autocast(hidden.device.type, enabled=False):
+            probs = hidden @ weight.T  # the logits, overwritten below by the probabilities
+            target_logits = probs.gather(1, targets[:, None]).squeeze(1).float()
+            step = chunk_rows(weight.shape[0])
             for start in range(0, hidden.shape[0], step):
                 rows = slice(start, start + step)
-                # The logits go straight into `probs` (they are overwritten by the probabilities
-                # below), and exp writes there too: no logits or probability temporaries.
-                torch.mm(hidden[rows], weight.T, out=probs[rows])
-                log_probs = torch.log_softmax(probs[rows], dim=-1, dtype=torch.float32)
-                losses[rows] = -log_probs.gather(1, targets[rows, None]).squeeze(1)
-                torch.exp(log_probs, out=probs[rows])
+                # .float() first: softmax(dtype=float32) of a bf16 input is a slow path on CPU.
+                p = torch.softmax(probs[rows].float(), dim=-1)
+                # log-sum-exp from the softmax itself: the largest probability is exp(max - lse), at
+                # least 1/vocab, so lse = max - log(p_max) stays exact where the target's own
+                # probability would underflow (fused log_softmax is several times slower on CPU).
+                lse = probs[rows].amax(dim=-1).float() - p.amax(dim=-1).log()
+                losses[rows] = lse - target_logits[rows]
+                probs[rows] = p
         ctx.save_for_backward(hidden, weight, targets, probs)
         return losses
 

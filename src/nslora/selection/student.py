@@ -34,7 +34,7 @@ class Student:
         self.tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=self.dtype,
-            attn_implementation=resolve_attention(attention, self.device, training=False))
+            attn_implementation=resolve_attention(attention))
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.to(self.device).eval()
