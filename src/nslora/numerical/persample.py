@@ -73,20 +73,24 @@ class LoraLinear(torch.autograd.Function):
             rows = grad_y.reshape(-1, grad_y.shape[-1])
             grad_u = rows @ scaled_b                       # (tokens, r)
             grad_x = grad_x_lora = None
-            if ctx.same_input and ctx.needs_input_grad[0]:
-                grad_x = (rows @ weight).addmm_(grad_u, a).view(*grad_y.shape[:-1], weight.shape[1])
-            elif any(ctx.needs_input_grad[:2]):  # dropout between x and the LoRA branch
-                grad_x = (rows @ weight).view(*grad_y.shape[:-1], weight.shape[1])
-                grad_x_lora = (grad_u @ a).view(x_lora.shape)
+            if any(ctx.needs_input_grad[:2]):
+                grad_x = rows @ weight
+                if ctx.same_input:
+                    grad_x.addmm_(grad_u, a)
+                else:  # dropout between x and the LoRA branch
+                    grad_x_lora = (grad_u @ a).view(x_lora.shape)
+                grad_x = grad_x.view(*grad_y.shape[:-1], weight.shape[1])
             if ctx.tracker is not None:
                 batch = grad_y.shape[0]
                 per_a = torch.bmm(grad_u.view(batch, -1, grad_u.shape[-1]).transpose(1, 2),
                                   x_lora.reshape(batch, -1, x_lora.shape[-1]))
-                per_b = torch.bmm(grad_y.reshape(batch, -1, grad_y.shape[-1]).transpose(1, 2),
-                                  u.reshape(batch, -1, u.shape[-1])).mul_(ctx.scaling)
+                # B's per-sample gradients transposed, (batch, r, out): the thin operand is the one
+                # transposed, which the batched matmul takes without a copy.
+                per_b = torch.bmm(u.reshape(batch, -1, u.shape[-1]).transpose(1, 2),
+                                  grad_y.reshape(batch, -1, grad_y.shape[-1])).mul_(ctx.scaling)
                 ctx.tracker.add(_squared_norms(per_a) + _squared_norms(per_b))
                 grad_a = per_a.sum(dim=0, dtype=torch.float32)
-                grad_b = per_b.sum(dim=0, dtype=torch.float32)
+                grad_b = per_b.sum(dim=0, dtype=torch.float32).T
             else:
                 grad_a = grad_u.T @ x_lora.reshape(-1, x_lora.shape[-1])
                 grad_b = (rows.T @ u.reshape(-1, u.shape[-1])).mul_(ctx.scaling)
