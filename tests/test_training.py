@@ -279,3 +279,24 @@ def test_fused_lora_linear_matches_peft(dropout):
             _, alone = run(peft_model, x[i:i + 1])
             expected = torch.cat([g.flatten() for g in alone.values()]).norm()
             torch.testing.assert_close(norms[i], expected)
+
+
+def test_loss_workspace_never_overwrites_a_pending_backward():
+    """Two forwards in flight: the second gets its own buffer, so both backwards see their own
+    probabilities; once given back, the buffer serves the next forward."""
+    from nslora.numerical.losses import LinearCrossEntropy, Workspace
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=gen)
+    targets = torch.randint(0, 50, (5,), generator=gen)
+    inputs = [torch.randn(5, 8, generator=gen, requires_grad=True) for _ in range(2)]
+    workspace = Workspace()
+    pending = [LinearCrossEntropy.apply(h, weight, targets, workspace) for h in inputs]
+    for h, losses in zip(inputs, pending):
+        losses.sum().backward()
+        reference = h.detach().requires_grad_()
+        torch.nn.functional.cross_entropy(reference @ weight.T, targets, reduction="sum").backward()
+        torch.testing.assert_close(h.grad, reference.grad)
+    assert not workspace.taken
+    LinearCrossEntropy.apply(inputs[0], weight, targets, workspace)
+    assert workspace.taken

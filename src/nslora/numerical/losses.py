@@ -21,6 +21,32 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
+class Workspace:
+    """One reusable buffer for the probabilities of the micro-batch between its forward and backward.
+
+    They are rows x vocabulary (174 MB for 572 answer rows of Qwen2.5's 152k vocabulary), above
+    glibc's mmap threshold, so a fresh tensor is mapped and page-faulted in, zero-filled, on every
+    micro-batch (~45 ms of a 2.9 s Qwen2.5-0.5B step). While a forward awaits its backward the buffer
+    is taken and another forward gets a fresh tensor, so nothing saved for a backward is overwritten.
+    """
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+        self.taken = False
+
+    def take(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        if self.taken:
+            return like.new_empty((rows, columns))
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < rows * columns or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffer = like.new_empty(rows * columns)
+        self.taken = True
+        return buffer[:rows * columns].view(rows, columns)
+
+    def give_back(self) -> None:
+        self.taken = False
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` against `targets`, per row.
 
@@ -31,11 +57,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                workspace: Workspace | None = None) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            probs = hidden @ weight.T  # the logits, overwritten below by the probabilities
+            # The logits, overwritten below by the probabilities.
+            if workspace is None:
+                probs = hidden @ weight.T
+            else:
+                probs = torch.mm(hidden, weight.T, out=workspace.take(hidden.shape[0], weight.shape[0], weight))
             target_logits = probs.gather(1, targets[:, None]).squeeze(1).float()
             step = chunk_rows(weight.shape[0])
             for start in range(0, hidden.shape[0], step):
@@ -49,19 +80,23 @@ class LinearCrossEntropy(torch.autograd.Function):
                 losses[rows] = lse - target_logits[rows]
                 probs[rows] = p
         ctx.save_for_backward(hidden, weight, targets, probs)
+        ctx.workspace = workspace
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         hidden, weight, targets, probs = ctx.saved_tensors
-        # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the incoming gradient.
+        # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the incoming gradient; the
+        # scale is applied to the (rows x hidden) products, not in a pass over the probabilities.
         grad_logits = probs
         grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
-        grad_logits.mul_(grad_losses[:, None].to(grad_logits.dtype))
+        scale = grad_losses[:, None].to(hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            grad_hidden = grad_logits @ weight
-            grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None
+            grad_hidden = (grad_logits @ weight).mul_(scale)
+            grad_weight = grad_logits.T @ (hidden * scale) if ctx.needs_input_grad[1] else None
+        if ctx.workspace is not None:
+            ctx.workspace.give_back()
+        return grad_hidden, grad_weight, None, None
 
 
 class AnswerLoss(nn.Module):
@@ -73,6 +108,7 @@ class AnswerLoss(nn.Module):
         super().__init__()
         self.model = model
         self.through_peft = through_peft
+        self.workspace = Workspace()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
@@ -96,7 +132,9 @@ class AnswerLoss(nn.Module):
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             token_loss = nn.functional.cross_entropy(logits, targets, reduction="none")
         else:
-            token_loss = LinearCrossEntropy.apply(picked, self.lm_head.weight, targets)
+            # The workspace only serves passes that will run a backward (training).
+            workspace = self.workspace if torch.is_grad_enabled() else None
+            token_loss = LinearCrossEntropy.apply(picked, self.lm_head.weight, targets, workspace)
         return self._per_sample(token_loss, target_mask, input_ids.shape[0])
 
     @staticmethod
