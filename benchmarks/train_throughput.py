@@ -1,6 +1,6 @@
 """Training throughput: one `lora_epoch` (per-sample statistics on) vs HF Trainer + peft.
 
-Run as: python benchmarks/train_throughput.py [--samples 64] [--model-dir models/base] [--old]
+Run as: python benchmarks/train_throughput.py [--samples 64] [--model-dir models/base] [--repeats 2] [--old]
 
 Two Trainer baselines on the same model (SmolLM2-135M-Instruct unless --model-dir says otherwise),
 the same GSM8K samples (../shared/data/gsm8k, or generated gsm_symbolic problems when that is
@@ -10,8 +10,8 @@ absent), the same LoRA (r=16 on attention + MLP), batch 8, max length 256, loss 
   bf16 is slower); `train_sampling_strategy="group_by_length"` (little padding), eager attention
   (sdpa's CPU backward is slower in bf16), dynamic padding;
 - `trainer` (with --old): the stock recipe, Trainer defaults (fp32, random batches).
-Each side runs in its own process so peak RSS is its own, and times its epoch twice, keeping the
-faster. Tokens are real (non-padding) tokens on every side.
+Each side runs in its own process so peak RSS is its own, and times its epoch --repeats times
+(default 2), keeping the fastest. Tokens are real (non-padding) tokens on every side.
 The last line is one JSON object: {"ours": {...}, "trainer_fair": {...}, "speedup", "rss_ratio", ...}
 (with --old also "trainer", "speedup_old", "rss_ratio_old").
 """
@@ -29,7 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-REPEATS = 2  # each side times its epoch twice and keeps the faster: this machine's timing noise is ~10%
 SYSTEM_PROMPT = "You are a careful assistant. Solve the problem step by step and end with '#### ' and the answer."
 
 
@@ -55,7 +54,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(model_dir: str, data: str, work: str) -> dict:
+def run_ours(model_dir: str, data: str, work: str, repeats: int) -> dict:
     from nslora.config import LoraParams, TrainConfig
     from nslora.schemas import EXAMPLES, read_table
     from nslora.numerical.training import LoraTrainer, init_adapter
@@ -65,14 +64,14 @@ def run_ours(model_dir: str, data: str, work: str) -> dict:
     init_adapter(model_dir, df, LoraParams(), train, Path(work) / "epoch_0")
     trainer = LoraTrainer(model_dir, Path(work) / "epoch_0", train, record_grad_norms=True)
     seconds = []
-    for epoch in range(1, REPEATS + 1):
+    for epoch in range(1, repeats + 1):
         stats = trainer.run_epoch(df, epoch=epoch, progress=False)
         assert stats["grad_norm"].notna().all()
         seconds.append(trainer.seconds)
     return {"tokens": trainer.tokens, "seconds": min(seconds), "precision": trainer.precision}
 
 
-def run_trainer(model_dir: str, data: str, work: str, fair: bool = False) -> dict:
+def run_trainer(model_dir: str, data: str, work: str, repeats: int, fair: bool = False) -> dict:
     """The Trainer + peft: stock defaults (fp32 on CPU, random batches, dynamic padding), or with
     `fair` its best CPU settings (bf16 weights and autocast, length grouping, eager attention)."""
     import torch
@@ -109,7 +108,7 @@ def run_trainer(model_dir: str, data: str, work: str, fair: bool = False) -> dic
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     seconds = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         trainer.train()
         seconds.append(time.perf_counter() - start)
@@ -118,12 +117,12 @@ def run_trainer(model_dir: str, data: str, work: str, fair: bool = False) -> dic
 
 
 RUNS = {"ours": run_ours, "trainer": run_trainer,
-        "trainer_fair": lambda model_dir, data, work: run_trainer(model_dir, data, work, fair=True)}
+        "trainer_fair": lambda *args: run_trainer(*args, fair=True)}
 
 
-def child(kind: str, model_dir: str, data: str) -> None:
+def child(kind: str, model_dir: str, data: str, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as work:
-        result = RUNS[kind](model_dir, data, work)
+        result = RUNS[kind](model_dir, data, work, repeats)
     result["tokens_per_s"] = round(result["tokens"] / result["seconds"], 1)
     result["seconds"] = round(result["seconds"], 1)
     result["peak_rss_mb"] = round(peak_rss_mb())
@@ -135,11 +134,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--model-dir", default=None, help="Materialised HF model (default: embedded SmolLM2).")
     parser.add_argument("--old", action="store_true", help="Also run the stock fp32 Trainer (the old baseline).")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="Epochs each side times, keeping its fastest (this machine's timing noise is ~10%%).")
     parser.add_argument("--child", choices=sorted(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.model_dir, args.data)
+        return child(args.child, args.model_dir, args.data, args.repeats)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
@@ -152,7 +153,7 @@ def main() -> None:
         results = {}
         for kind in (["trainer"] if args.old else []) + ["trainer_fair", "ours"]:
             out = subprocess.run([sys.executable, __file__, "--child", kind, "--model-dir", model_dir,
-                                  "--data", data], capture_output=True, text=True)
+                                  "--data", data, "--repeats", str(args.repeats)], capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{kind} run failed:\n{out.stderr[-3000:]}")
             results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -164,6 +165,7 @@ def main() -> None:
             results["rss_ratio" + suffix] = round(results["ours"]["peak_rss_mb"] / results[baseline]["peak_rss_mb"], 2)
     results["model"] = args.model_dir or "embedded:smollm2"
     results["samples"] = args.samples
+    results["repeats"] = args.repeats
     print(json.dumps(results))
 
 
