@@ -237,11 +237,11 @@ def test_grouped_eager_attention_matches_transformers_eager(tiny_model_dir, dtyp
         torch.testing.assert_close(ours_grads[name], grad, rtol=tol, atol=tol * grad.abs().max().item())
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_lora_linear_matches_peft(dropout):
+@pytest.mark.parametrize("dropout, lora_bias", [(0.0, False), (0.2, False), (0.0, True)])
+def test_fused_lora_linear_matches_peft(dropout, lora_bias):
     """The fused LoRA linear (installed by the per-sample tracker) gives peft's outputs and
     gradients, with a biased base layer (Qwen's q/k/v) and with dropout on the LoRA branch; its
-    per-sample norms equal each sample's own backward."""
+    per-sample norms equal each sample's own backward. An adapter with a bias on B is not fused."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -250,12 +250,14 @@ def test_fused_lora_linear_matches_peft(dropout):
 
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6, bias=False))
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0", "2"]))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0", "2"],
+                                                 lora_bias=lora_bias))
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.3)  # make both factors get gradients
     fused_model = copy.deepcopy(peft_model)
     tracker = PerSampleGradNorms(fused_model)
+    assert len(tracker.layers) == (4 if lora_bias else 0)  # hooked (peft's path) or fused
     x = torch.randn(3, 5, 12)
 
     def run(model, inputs, record=False):
@@ -270,10 +272,12 @@ def test_fused_lora_linear_matches_peft(dropout):
     ref_out, ref_grads = run(peft_model, x)
     out, grads = run(fused_model, x, record=True)
     torch.testing.assert_close(out, ref_out)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 4
+    assert grads.keys() == ref_grads.keys() and len(grads) == (6 if lora_bias else 4)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name])
-    if dropout == 0.0:  # a lone sample sees other dropout masks than inside the batch
+    # A lone sample sees other dropout masks than inside the batch; the hooks measure factor
+    # weights only, not a bias on B.
+    if dropout == 0.0 and not lora_bias:
         norms = tracker.norms()
         for i in range(3):
             _, alone = run(peft_model, x[i:i + 1])

@@ -99,7 +99,7 @@ class LoraLinear(torch.autograd.Function):
 
 
 def _fusable(module: nn.Module) -> bool:
-    """A peft lora.Linear over a frozen nn.Linear with one plain (vanilla) adapter."""
+    """A peft lora.Linear over a frozen nn.Linear with one plain (vanilla, bias-free) adapter."""
     from peft.tuners.lora import Linear as PeftLoraLinear
 
     if not isinstance(module, PeftLoraLinear) or type(module.base_layer) is not nn.Linear:
@@ -107,7 +107,7 @@ def _fusable(module: nn.Module) -> bool:
     if len(module.active_adapters) != 1 or module.fan_in_fan_out:
         return False
     name = module.active_adapters[0]
-    return (name in module.lora_A and name not in module.lora_variant
+    return (name in module.lora_A and name not in module.lora_variant and module.lora_B[name].bias is None
             and not module.base_layer.weight.requires_grad)
 
 
