@@ -63,10 +63,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             # The logits, overwritten below by the probabilities.
-            if workspace is None:
-                probs = hidden @ weight.T
-            else:
-                probs = torch.mm(hidden, weight.T, out=workspace.take(hidden.shape[0], weight.shape[0], weight))
+            out = None if workspace is None else workspace.take(hidden.shape[0], weight.shape[0], weight)
+            probs = torch.mm(hidden, weight.T, out=out)
             target_logits = probs.gather(1, targets[:, None]).squeeze(1).float()
             step = chunk_rows(weight.shape[0])
             for start in range(0, hidden.shape[0], step):

@@ -53,15 +53,17 @@ class LoraLinear(torch.autograd.Function):
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, tracker):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        same_input = x_lora is x  # no dropout: one cast of x, and one gradient for it
         with torch.autocast(device, enabled=False):
-            x, x_lora, weight = x.to(dtype), x_lora.to(dtype), weight.to(dtype)
+            x, weight = x.to(dtype), weight.to(dtype)
+            x_lora = x if same_input else x_lora.to(dtype)
             a, scaled_b = lora_a.to(dtype), lora_b.to(dtype) * scaling
             y = nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
             u = x_lora @ a.T
             # The low-rank update is accumulated into the base output by the matmul itself.
             y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), scaled_b.T)
         ctx.save_for_backward(x_lora, u, weight, a, scaled_b)
-        ctx.scaling, ctx.tracker, ctx.same_input = scaling, tracker, x_lora is x
+        ctx.scaling, ctx.tracker, ctx.same_input = scaling, tracker, same_input
         ctx.param_dtypes = lora_a.dtype, lora_b.dtype
         return y
 

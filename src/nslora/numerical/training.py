@@ -290,7 +290,7 @@ class LoraTrainer:
         train: training settings; must match the ones the adapter was started with.
         precision: 'auto' | 'bf16' | 'fp32' (see ModelConfig.precision).
         attention: attention kernel (see ModelConfig.attention).
-        record_grad_norms: record per-sample gradient norms (one extra einsum per LoRA factor).
+        record_grad_norms: record per-sample gradient norms (formed in the fused LoRA layers' backward).
     """
 
     def __init__(self, base_dir: Path | str, adapter_dir: Path | str, train: TrainConfig,
@@ -328,6 +328,8 @@ class LoraTrainer:
         # Prefix-tuning (a baseline) runs through peft's forward, which injects the prefix; the
         # per-sample gradient-norm hooks are LoRA-specific, so that baseline records NaN.
         self.record_grad_norms = record_grad_norms and not self.prefix
+        # Built once: it routes the LoRA layers through the fused function for this trainer's life.
+        self.tracker = PerSampleGradNorms(self.model) if self.record_grad_norms else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         if state["optimizer"] is not None:
@@ -343,7 +345,6 @@ class LoraTrainer:
         acc = self.accelerator
         samples = self._samples_in_plan(train_df)
         self.model.train()
-        tracker = PerSampleGradNorms(self.model) if self.record_grad_norms else None
         records: list[dict] = []
         tokens, start = 0, time.perf_counter()
         bar = tqdm(self.batches, desc=f"lora epoch {epoch}", disable=not (progress and acc.is_main_process))
@@ -359,7 +360,7 @@ class LoraTrainer:
             for j, micro in enumerate(micro_batches):
                 last = j == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
-                    losses, norms = self._forward_backward(micro, scale, tracker)
+                    losses, norms = self._forward_backward(micro, scale)
                 records += [_record(s, epoch, batch_index, l, g)
                             for s, l, g in zip(micro, losses.tolist(), norms.tolist())]
             if self.train.max_grad_norm:
@@ -416,10 +417,10 @@ class LoraTrainer:
             records = gather_object(records)
         return pd.DataFrame(records).sort_values(["batch_index", "id"]).reset_index(drop=True)
 
-    def _forward_backward(self, micro: list[EncodedSample], scale: float,
-                          tracker: PerSampleGradNorms | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, micro: list[EncodedSample], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradient of `scale * sum of per-sample losses`; return losses and norms."""
         tensors = {k: v.to(self.device) for k, v in collate(micro, self.tokenizer.pad_token_id).items()}
+        tracker = self.tracker
         with tracker if tracker is not None else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 losses = self.loss_module(**tensors)
