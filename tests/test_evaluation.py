@@ -132,17 +132,22 @@ def test_answer_comparison_normalises_like_lm_eval():
     assert answers.strict_match("#### TRUE\n", numeric=False) == "TRUE"
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "nslora_decode"])
 @pytest.mark.parametrize("beginning", ["", "<|im_start|>system\nYou are a careful assistant.<|im_end|>\nQ: "])
-def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir, beginning):
+def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir, beginning, attention, monkeypatch):
     """Rows that finish leave the batch, waiting prompts join it with a left-padded cache, columns
     that only padding uses are dropped, a beginning all prompts share is prefilled once: every
-    continuation still equals greedy decoding of its prompt alone, without a cache."""
+    continuation still equals greedy decoding of its prompt alone, without a cache. With the CPU
+    decoding attention the cache keeps keys transposed and grows by one spare column at a time."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nslora.evaluation.generation import greedy_generate
+    from nslora.evaluation.generation import TransposedKeysLayer, greedy_generate, register_decode_attention
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    register_decode_attention()
+    monkeypatch.setattr(TransposedKeysLayer, "spare", 1)  # every decoding step outgrows the buffer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=attention).eval()
     tokenizer = load_tokenizer(tiny_model_dir)
     texts = ["How many legs do 3 chickens have?", "12 + 7 - 3 =", "Each dog has 4 legs, so 2 dogs have",
              "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", "Q:", "State the final answer to the following "
@@ -171,6 +176,36 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir, beginn
         assert greedy_generate(model, prompts, max_new, batch_size, stop_ids, stopped,
                                progress=finished.append) == expected, f"batch size {batch_size}"
     assert sum(finished) == 4 * len(prompts)
+
+
+@pytest.mark.parametrize("mask_dtype", ["bool", "additive", "none"])
+def test_decode_attention_equals_sdpa(mask_dtype):
+    """One query per row, grouped heads, padding masked: the same output as transformers' sdpa
+    attention, from a plain cache view and from a TransposedKeysLayer's whole buffers (spare
+    columns zero, masked out)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from nslora.evaluation.generation import TransposedKeysLayer, decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 9, 8
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    keys, values = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    attends = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    attends[0, ..., 2:5] = attends[2, ..., :3] = False
+    mask = {"bool": attends, "additive": torch.zeros(batch, 1, 1, length).masked_fill(~attends, -1e9),
+            "none": None}[mask_dtype]
+    expected, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.3)
+    layer = TransposedKeysLayer()
+    layer.update(keys[:, :, :4], values[:, :, :4])
+    buffered_keys, buffered_values = layer.update(keys[:, :, 4:], values[:, :, 4:])
+    assert buffered_keys.buffer.shape[-1] > length  # spare columns the attention must ignore
+    for k, v in ((keys, values), (buffered_keys, buffered_values)):
+        output, _ = decode_attention(module, query, k, v, mask, scaling=0.3)
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_computes_a_shared_beginning_once_with_the_same_logits(tiny_model_dir):

@@ -52,10 +52,12 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
              precision: str = "auto", device: str | None = None, attention: str = "auto"):
     """lm-eval's HF model with the adapter attached through its `peft=` argument, generating
     greedy answers with continuous batching (`generation.ContinuousBatchingHFLM`)."""
-    from .generation import ContinuousBatchingHFLM
+    from .generation import ContinuousBatchingHFLM, register_decode_attention
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(precision, torch.device(device))
+    # On a CPU, decoding steps attend with `decode_attention` (sdpa's CPU kernel is slow at one query).
+    implementation = register_decode_attention() if attention == "auto" and device == "cpu" else resolve_attention(attention)
     lm = ContinuousBatchingHFLM(
         pretrained=str(base_dir),
         peft=str(adapter_dir) if adapter_dir else None,
@@ -63,7 +65,7 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
         batch_size=eval_cfg.batch_size,
         device=device,
         max_length=4096,
-        attn_implementation=resolve_attention(attention),
+        attn_implementation=implementation,
     )
     speed_up_generation(lm.model, dtype)
     if adapter_dir and getattr(lm.model, "peft_type", None) == "PREFIX_TUNING":
