@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from nslora.config import LoraParams, TrainConfig
 from nslora.schemas import SAMPLE_STATS, to_table
-from nslora.numerical.allocator import retain_freed_memory
+from nslora.allocator import retain_freed_memory
 from nslora.numerical.losses import AnswerLoss
 from nslora.numerical.training import (BATCHES_FILE, STATE_FILE, LoraTrainer, TrainingDataError, collate,
                              compose_batches, encode_all, init_adapter, load_training_state, rng_state,

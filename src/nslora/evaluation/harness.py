@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..allocator import retain_freed_memory
 from ..config import EvalConfig
 from ..models import END_OF_TURN, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
 from ..prompts import has_chat_template, plain_system_instruction
@@ -54,6 +55,7 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
     greedy answers with continuous batching (`generation.ContinuousBatchingHFLM`)."""
     from .generation import ContinuousBatchingHFLM, register_decode_attention
 
+    retain_freed_memory()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(precision, torch.device(device))
     # On a CPU, decoding steps attend with `decode_attention` (sdpa's CPU kernel is slow at one query).

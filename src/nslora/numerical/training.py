@@ -35,7 +35,7 @@ from .. import prompts
 from ..config import LoraParams, TrainConfig, to_dict
 from ..models import load_tokenizer, model_source, resolve_attention, resolve_dtype
 from ..schemas import system_prompt_of
-from .allocator import retain_freed_memory
+from ..allocator import retain_freed_memory
 from .attention import register as register_grouped_eager
 from .losses import AnswerLoss
 from .persample import PerSampleGradNorms

@@ -5,8 +5,10 @@ outputs) thousands of times. glibc serves blocks above its mmap threshold with a
 trims the heap top once it holds more than twice that free, so each such block is returned on free
 and page-faulted back in, zero-filled, on the next allocation. Measured on SmolLM2-135M (64 GSM8K
 samples, batch 8, bf16, 2 cores; benchmarks/train_throughput.py): 574 -> 599 tokens/s, the same losses.
+Evaluation's prefill (64 prompts at once, 100+ MB activations) is hit hardest: Qwen2.5-0.5B's took
+7.1 s, 4.9 s with this (64 quick-start questions, bf16).
 
-    retain_freed_memory()   # once, before training; a no-op where glibc's mallopt is absent
+    retain_freed_memory()   # once, before training or evaluation; a no-op where glibc's mallopt is absent
 """
 
 from __future__ import annotations
