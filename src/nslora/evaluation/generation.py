@@ -164,17 +164,22 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     stacked = (query * (dim ** -0.5 if scaling is None else scaling)).reshape(batch, kv_heads, heads // kv_heads, dim)
     key_buffer, value_buffer = getattr(key, "buffer", None), getattr(value, "buffer", None)
     if key_buffer is not None and value_buffer is not None:  # a TransposedKeysLayer: whole buffers, spare masked
-        scores = torch.matmul(stacked, key_buffer)
-        scores[..., kv_len:] = float("-inf")
-        value = value_buffer
+        key, value = key_buffer.transpose(2, 3), value_buffer
+    scores = torch.matmul(stacked, key.transpose(2, 3))
+    width = scores.shape[-1]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True attends
+        # Padding and spare columns, built by the first layer of a step and kept on the mask, which
+        # every layer of the forward shares (a fill and a masked_fill per layer cost ~2% of a step).
+        excluded = getattr(attention_mask, "excluded_columns", None)
+        if excluded is None or excluded.shape[-1] != width:
+            excluded = torch.ones(batch, 1, 1, width, dtype=torch.bool, device=scores.device)
+            excluded[..., :kv_len] = ~attention_mask[..., -1:, :kv_len]
+            attention_mask.excluded_columns = excluded
+        scores.masked_fill_(excluded, float("-inf"))
     else:
-        scores = torch.matmul(stacked, key.transpose(2, 3))
-    if attention_mask is not None:  # (batch, 1, 1, >= kv_len): boolean (True attends) or additive
-        mask = attention_mask[..., -1:, :kv_len]
-        if mask.dtype == torch.bool:
-            scores[..., :kv_len].masked_fill_(~mask, float("-inf"))
-        else:
-            scores[..., :kv_len].add_(mask)
+        scores[..., kv_len:] = float("-inf")
+        if attention_mask is not None:  # additive
+            scores[..., :kv_len].add_(attention_mask[..., -1:, :kv_len])
     output = torch.matmul(torch.softmax(scores, dim=-1), value)  # (batch, kv_heads, groups, dim)
     return output.reshape(batch, 1, heads, dim), None
 
