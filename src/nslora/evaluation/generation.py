@@ -152,8 +152,8 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """Attention for CPU decoding, registered as `attn_implementation="nslora_decode"`: a step's one
     query per row as two batched matmuls, the query heads of a key/value head stacked (keys and
     values read once, in place), the softmax on the bf16 scores (torch computes it in float32).
-    The sdpa CPU kernel runs this shape ~2-3x slower (Qwen2.5-0.5B, 64 rows: 0.83 vs ~0.45 ms per
-    layer at 229 positions, 2.4 vs ~0.8 at 380), most of a decoding step's non-matmul time.
+    sdpa's CPU kernel is slow at this shape: inside a Qwen2.5-0.5B step at 64 rows and 369 positions
+    1.8 ms per layer, against ~1.3 here; SmolLM2's decoding ran ~14% faster overall.
     Scores round to bf16 before the softmax, as in transformers' eager attention (sdpa keeps them
     float32). Everything else (prefill, a softcap) goes to transformers' sdpa."""
     if query.shape[2] != 1 or kwargs.get("softcap") is not None or (dropout and module.training):
