@@ -142,9 +142,10 @@ def test_continuous_batching_matches_one_prompt_at_a_time(tiny_model_dir, beginn
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nslora.evaluation.generation import TransposedKeysLayer, greedy_generate, register_decode_attention
+    from nslora.attention import DECODE, register
+    from nslora.evaluation.generation import TransposedKeysLayer, greedy_generate
 
-    register_decode_attention()
+    register(DECODE)
     monkeypatch.setattr(TransposedKeysLayer, "spare", 1)  # every decoding step outgrows the buffer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation=attention).eval()
@@ -186,7 +187,8 @@ def test_decode_attention_equals_sdpa(mask_dtype):
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from nslora.evaluation.generation import TransposedKeysLayer, decode_attention
+    from nslora.attention import decode_attention
+    from nslora.evaluation.generation import TransposedKeysLayer
 
     generator = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, length, dim = 3, 6, 2, 9, 8

@@ -321,8 +321,8 @@ def load_tokenizer(model_dir: Path | str):
 
 def resolve_attention(attention: str) -> str:
     """The attention kernel for `model.attention` in generation: 'auto' is sdpa (~1.7x faster than
-    eager on a CPU, which copies the whole grouped KV cache every step). Training resolves 'auto'
-    itself (numerical.training.load_model)."""
+    eager on a CPU, which copies the whole grouped KV cache every step). Training and evaluation
+    resolve 'auto' on a CPU to their own kernels (`nslora.attention.resolve`)."""
     return "sdpa" if attention == "auto" else attention
 
 

@@ -16,7 +16,6 @@ the shared beginning computed for one row), as it differs between lm-eval's own 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..attention import DECODE
 
 
 @dataclass
@@ -51,11 +51,17 @@ class GrowingLayer(DynamicLayer):
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
         """Copy `keys`/`values` into new buffers with `room` spare columns."""
-        length = keys.shape[2]
-        self._key_buffer = keys.new_empty(keys.shape[:2] + (length + room, keys.shape[3]))
-        self._value_buffer = values.new_empty(values.shape[:2] + (length + room, values.shape[3]))
+        self._allocate(keys, values, keys.shape[2] + room)
         self._write(0, keys, values)
-        self._view(length)
+        self._view(keys.shape[2])
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
+        self._key_buffer = keys.new_empty(keys.shape[:2] + (columns, keys.shape[3]))
+        self._value_buffer = values.new_empty(values.shape[:2] + (columns, values.shape[3]))
+
+    def _room(self, length: int, new: int) -> int:
+        """Spare columns when `new` ones no longer fit after `length`: the buffer doubles."""
+        return new + max(length, 64)
 
     def _write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self._key_buffer[:, :, start:start + keys.shape[2]] = keys
@@ -69,7 +75,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         start, new = self.values.shape[2], key_states.shape[2]
         if start + new > self._value_buffer.shape[2]:
-            self._store(self.keys, self.values, room=new + max(start, 64))
+            self._store(self.keys, self.values, room=self._room(start, new))
         self._write(start, key_states, value_states)
         self._view(start + new)
         return self.keys, self.values
@@ -95,7 +101,7 @@ class GrowingLayer(DynamicLayer):
 
 
 class TransposedKeysLayer(GrowingLayer):
-    """A `GrowingLayer` laid out for `decode_attention`: keys stored as (batch, heads, dim, length)
+    """A `GrowingLayer` laid out for `nslora.attention.decode_attention`: keys stored as (batch, heads, dim, length)
     so a step's query-key product reads them along the length, spare columns zeroed and grown 32 at
     a time, and the whole buffers handed to attention beside the usual (batch, heads, length, dim)
     views (`.buffer` on each). CPU batched matmuls copy an operand whose matrices are not packed
@@ -105,12 +111,14 @@ class TransposedKeysLayer(GrowingLayer):
 
     spare = 32
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
         batch, heads, length, dim = keys.shape
-        self._key_buffer = keys.new_zeros(batch, heads, dim, length + max(room, self.spare))
-        self._value_buffer = values.new_zeros(batch, heads, length + max(room, self.spare), values.shape[3])
-        self._write(0, keys, values)
-        self._view(length)
+        columns = max(columns, length + self.spare)
+        self._key_buffer = keys.new_zeros(batch, heads, dim, columns)
+        self._value_buffer = values.new_zeros(batch, heads, columns, values.shape[3])
+
+    def _room(self, length: int, new: int) -> int:
+        return new + self.spare
 
     def _write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self._key_buffer[..., start:start + keys.shape[2]] = keys.transpose(2, 3)
@@ -121,16 +129,11 @@ class TransposedKeysLayer(GrowingLayer):
         self.values = self._value_buffer[:, :, :length]
         self.keys.buffer, self.values.buffer = self._key_buffer, self._value_buffer
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.is_initialized and self.values.shape[2] + key_states.shape[2] > self._value_buffer.shape[2]:
-            self._store(self.keys, self.values, room=key_states.shape[2] + self.spare)
-        return super().update(key_states, value_states, *args, **kwargs)
-
 
 def growing_cache(model: torch.nn.Module | None = None):
     """A transformers cache made of `GrowingLayer`s (created as the model's layers first write);
-    keys stored transposed where `model` attends with `decode_attention`, which reads them so."""
-    uses_decode_attention = model is not None and getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION
+    keys stored transposed where `model` attends with `nslora_decode`, which reads them so."""
+    uses_decode_attention = model is not None and getattr(model.config, "_attn_implementation", None) == DECODE
     return Cache(layer_class_to_replicate=TransposedKeysLayer if uses_decode_attention else GrowingLayer)
 
 
@@ -141,58 +144,6 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = width
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-DECODE_ATTENTION = "nslora_decode"
-
-
-def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     **kwargs):
-    """Attention for CPU decoding, registered as `attn_implementation="nslora_decode"`: a step's one
-    query per row as two batched matmuls, the query heads of a key/value head stacked (keys and
-    values read once, in place), the softmax on the bf16 scores (torch computes it in float32).
-    sdpa's CPU kernel is slow at this shape: inside a Qwen2.5-0.5B step at 64 rows and 369 positions
-    1.8 ms per layer, against ~1.3 here; SmolLM2's decoding ran ~14% faster overall.
-    Scores round to bf16 before the softmax, as in transformers' eager attention (sdpa keeps them
-    float32). Everything else (prefill, a softcap) goes to transformers' sdpa."""
-    if query.shape[2] != 1 or kwargs.get("softcap") is not None or (dropout and module.training):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    batch, heads, _, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    stacked = (query * (dim ** -0.5 if scaling is None else scaling)).reshape(batch, kv_heads, heads // kv_heads, dim)
-    key_buffer, value_buffer = getattr(key, "buffer", None), getattr(value, "buffer", None)
-    if key_buffer is not None and value_buffer is not None:  # a TransposedKeysLayer: whole buffers, spare masked
-        key, value = key_buffer.transpose(2, 3), value_buffer
-    scores = torch.matmul(stacked, key.transpose(2, 3))
-    width = scores.shape[-1]
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True attends
-        # Padding and spare columns, built by the first layer of a step and kept on the mask, which
-        # every layer of the forward shares (a fill and a masked_fill per layer cost ~2% of a step).
-        excluded = getattr(attention_mask, "excluded_columns", None)
-        if excluded is None or excluded.shape[-1] != width:
-            excluded = torch.ones(batch, 1, 1, width, dtype=torch.bool, device=scores.device)
-            excluded[..., :kv_len] = ~attention_mask[..., -1:, :kv_len]
-            attention_mask.excluded_columns = excluded
-        scores.masked_fill_(excluded, float("-inf"))
-    else:
-        scores[..., kv_len:] = float("-inf")
-        if attention_mask is not None:  # additive
-            scores[..., :kv_len].add_(attention_mask[..., -1:, :kv_len])
-    output = torch.matmul(torch.softmax(scores, dim=-1), value)  # (batch, kv_heads, groups, dim)
-    return output.reshape(batch, 1, heads, dim), None
-
-
-@functools.cache
-def register_decode_attention() -> str:
-    """Make `attn_implementation="nslora_decode"` available to transformers (once); its masks are sdpa's."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
-    return DECODE_ATTENTION
 
 
 def supports_continuous_batching(model: torch.nn.Module) -> bool:

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from ..allocator import retain_freed_memory
+from ..attention import DECODE, resolve
 from ..config import EvalConfig
-from ..models import END_OF_TURN, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation
+from ..models import END_OF_TURN, load_tokenizer, resolve_dtype, speed_up_generation
 from ..prompts import has_chat_template, plain_system_instruction
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,11 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
              precision: str = "auto", device: str | None = None, attention: str = "auto"):
     """lm-eval's HF model with the adapter attached through its `peft=` argument, generating
     greedy answers with continuous batching (`generation.ContinuousBatchingHFLM`)."""
-    from .generation import ContinuousBatchingHFLM, register_decode_attention
+    from .generation import ContinuousBatchingHFLM
 
     retain_freed_memory()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(precision, torch.device(device))
-    # On a CPU, decoding steps attend with `decode_attention` (sdpa's CPU kernel is slow at one query).
-    implementation = register_decode_attention() if attention == "auto" and device == "cpu" else resolve_attention(attention)
     lm = ContinuousBatchingHFLM(
         pretrained=str(base_dir),
         peft=str(adapter_dir) if adapter_dir else None,
@@ -67,7 +66,8 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
         batch_size=eval_cfg.batch_size,
         device=device,
         max_length=4096,
-        attn_implementation=implementation,
+        # On a CPU, decoding steps attend with `nslora_decode` (sdpa's CPU kernel is slow at one query).
+        attn_implementation=resolve(attention, torch.device(device), DECODE),
     )
     speed_up_generation(lm.model, dtype)
     if adapter_dir and getattr(lm.model, "peft_type", None) == "PREFIX_TUNING":

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..config import LoraParams, TrainConfig, to_dict
-from ..models import load_tokenizer, model_source, resolve_attention, resolve_dtype
+from ..models import load_tokenizer, model_source, resolve_dtype
 from ..schemas import system_prompt_of
 from ..allocator import retain_freed_memory
-from .attention import register as register_grouped_eager
+from ..attention import GROUPED_EAGER, resolve
 from .losses import AnswerLoss
 from .persample import PerSampleGradNorms
 
@@ -67,15 +67,12 @@ def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, attent
     """Load a materialised base model for training. Frozen base weights are stored in `dtype` (bf16
     halves the memory and runs the big matmuls at bf16 speed); LoRA weights stay float32.
     Attention 'auto' is sdpa, except on a CPU: there eager attention ran ~25% faster at these
-    lengths than sdpa (whose CPU flash backward is slow in bf16), and `grouped_eager` (attention.py,
+    lengths than sdpa (whose CPU flash backward is slow in bf16), and `grouped_eager` (nslora.attention,
     the same computation with fewer passes over the scores) faster still."""
     from transformers import AutoModelForCausalLM
 
-    if attention == "auto" and device.type == "cpu":
-        implementation = register_grouped_eager()
-    else:
-        implementation = resolve_attention(attention)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=implementation)
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=resolve(attention, device, GROUPED_EAGER))
 
 
 def encode(tokenizer, row, max_length: int) -> EncodedSample:
