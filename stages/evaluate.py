@@ -36,9 +36,11 @@ def main(params_path, epoch, base_dir, adapter_dir, test_path, metrics_path, pre
         test = read_table(test_path, EXAMPLES)
         if enabled:
             system_prompt = read_meta(adapter_dir)["system_prompt"] if adapter_dir else str(test.system_prompt.iloc[0])
-            summary, predictions = evaluate(base_dir, adapter_dir, test_path, system_prompt, params.eval,
-                                            precision=params.model.precision,
-                                            attention=params.model.attention, epoch=epoch)
+            result = evaluate(base_dir, adapter_dir, test_path, system_prompt, params.eval,
+                              precision=params.model.precision, attention=params.model.attention, epoch=epoch)
+            if result is None:
+                return  # another process of a multi-process launch: the first one writes
+            summary, predictions = result
         else:
             summary, predictions = {"epoch": epoch, "evaluated": False}, pd.DataFrame(columns=PREDICTIONS.names)
     write_table(predictions, predictions_path, PREDICTIONS)

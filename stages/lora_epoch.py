@@ -3,13 +3,14 @@
 Run as: python stages/lora_epoch.py --params params.yaml --epoch 1 --base models/base \
             --prev models/adapters/epoch_0 --train data/train/epoch_0.parquet \
             --out models/adapters/epoch_1 --stats data/stats/epoch_1.parquet --metrics metrics/train/epoch_1.json
-Several GPUs: accelerate launch --num_processes 4 stages/lora_epoch.py ...  (params: train.launcher)
+Several processes: torchrun --nproc_per_node 4 stages/lora_epoch.py ...  (params: train.launcher)
 """
 
 import json
 
 import click
 
+from nslora.config import launcher_processes
 from nslora.methods import training_settings
 from nslora.schemas import EXAMPLES, SAMPLE_STATS, read_table, write_table
 from nslora.numerical.training import LoraTrainer
@@ -34,6 +35,11 @@ def main(params_path, epoch, base_dir, prev_dir, train_path, out_dir, stats_path
         train = training_settings(params.method, params.train, params.lora.prefix_lr)
         trainer = LoraTrainer(base_dir, prev_dir, train, precision=params.model.precision,
                               attention=params.model.attention)
+        asked = launcher_processes(params.train.launcher)
+        if asked and trainer.accelerator.num_processes != asked:
+            raise ValueError(f"train.launcher {params.train.launcher!r} asks for {asked} processes, but this "
+                             f"stage runs as {trainer.accelerator.num_processes}: run it through that "
+                             "launcher (dvc repro does), or set train.launcher to what you run.")
         stats = trainer.run_epoch(train_df, epoch)
         summary = {
             "epoch": epoch,

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import ROOT
-from nslora.config import SECTIONS, ParamsError, parse_params
+from nslora.config import SECTIONS, ParamsError, launcher_processes, parse_params
 from nslora_cli.main import cli
 from nslora_cli.params_file import load_params
 
@@ -61,6 +61,14 @@ def test_real_params_yaml_loads_and_every_key_has_help():
     (lambda p: p["train"].update(launcher="python; rm -rf ~"), "train.launcher: got 'python; rm -rf ~', must be a launcher"),
     (lambda p: p["train"].update(launcher="accelerate launch $(id)"), "train.launcher: got 'accelerate launch $(id)'"),
     (lambda p: p["train"].update(launcher="bash -c"), "train.launcher: got 'bash -c'"),
+    # Launches that would not be the tested data parallelism.
+    (lambda p: p["train"].update(launcher="accelerate launch --use_fsdp --num_processes 2"),
+     "train.launcher: --use_fsdp is not supported"),
+    (lambda p: p["train"].update(launcher="accelerate launch --use_deepspeed --zero_stage=3"),
+     "train.launcher: --use_deepspeed is not supported"),
+    (lambda p: p["train"].update(launcher="accelerate launch --cpu --num_processes=2"),
+     "runs ONE process: accelerate's --cpu launch ignores --num_processes"),
+    (lambda p: p["train"].update(collective_timeout=0), "train.collective_timeout: got 0.0, must be > 0"),
 ])
 def test_bad_params_name_the_key(mutate, message):
     params = real_params()
@@ -69,13 +77,17 @@ def test_bad_params_name_the_key(mutate, message):
         parse_params(params)
 
 
-@pytest.mark.parametrize("launcher", ["python", "accelerate launch --num_processes 4",
-                                      "accelerate launch --cpu --num_processes=2 --mixed_precision bf16",
-                                      "torchrun --nproc_per_node 2", "/opt/venv/bin/python3.11"])
-def test_usual_launchers_are_accepted(launcher):
+@pytest.mark.parametrize("launcher, processes", [
+    ("python", 1), ("accelerate launch --num_processes 4", 4), ("accelerate launch --multi_gpu", None),
+    ("accelerate launch --cpu --mixed_precision bf16", None), ("torchrun --nproc_per_node 2", 2),
+    ("torchrun --standalone --nproc-per-node=4", 4), ("python -m torch.distributed.run --nproc_per_node 2", 2),
+    ("/opt/venv/bin/python3.11", 1)])
+def test_usual_launchers_are_accepted(launcher, processes):
     params = real_params()
     params["train"]["launcher"] = launcher
     assert parse_params(params).train.launcher == launcher
+    # What the lora_epoch stage checks the running process count against (None: the launcher decides).
+    assert launcher_processes(launcher) == processes
 
 
 def test_every_default_is_within_its_range():

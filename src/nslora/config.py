@@ -38,6 +38,58 @@ LAUNCHER = ("a launcher such as 'python', 'accelerate launch --num_processes 4' 
             lambda v: re.fullmatch(r"([\w.\-/]*/)?(python[\d.]*|accelerate launch|torchrun)( [\w\-=.,:/]+)*", v) is not None)
 
 
+# Launcher options that shard the model (FSDP, DeepSpeed ZeRO, Megatron) or target TPUs: the
+# per-sample gradient norms and the adapter hand-off assume every process holds the whole model.
+UNSUPPORTED_LAUNCH_OPTIONS = ("fsdp", "deepspeed", "megatron", "zero_stage", "tpu")
+DATA_PARALLEL_LAUNCHERS = "'torchrun --nproc_per_node N' (GPUs or CPUs) or 'accelerate launch --multi_gpu --num_processes N'"
+
+
+def _launcher_options(launcher: str) -> dict[str, str]:
+    """`--name value` / `--name=value` / bare `--flag` options of a launcher, names with - as _."""
+    words, options = launcher.split(), {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            name, _, value = word[2:].partition("=")
+            if not value and i + 1 < len(words) and not words[i + 1].startswith("-"):
+                value = words[i + 1]
+            options[name.replace("-", "_")] = value
+    return options
+
+
+def launcher_processes(launcher: str) -> int | None:
+    """How many processes `launcher` starts on this machine (None: it decides itself, e.g.
+    accelerate without --num_processes uses every GPU)."""
+    words, options = launcher.split(), _launcher_options(launcher)
+    if "torchrun" in words[0] or "torch.distributed.run" in words:
+        count = options.get("nproc_per_node")
+    elif "accelerate" in words[0]:
+        count = options.get("num_processes")
+    else:
+        return 1
+    return int(count) if count and count.isdigit() else None
+
+
+def check_launcher(launcher: str, key: str = "train.launcher") -> None:
+    """Refuse launchers that would not run plain data parallelism as asked.
+
+    Raises:
+        ParamsError: for model-sharding options, and for `accelerate launch --cpu` with several
+            processes, which accelerate runs as one process (its multi-CPU launch needs mpirun).
+    """
+    options = _launcher_options(launcher)
+    for name in options:
+        if any(word in name for word in UNSUPPORTED_LAUNCH_OPTIONS):
+            raise ParamsError(
+                f"{key}: --{name} is not supported: nslora trains with data parallelism, "
+                "every process holding the whole model (the per-sample gradient norms and the adapter "
+                f"hand-off are tested that way). Use {DATA_PARALLEL_LAUNCHERS}.")
+    if "accelerate" in launcher and "cpu" in options and (launcher_processes(launcher) or 1) > 1:
+        raise ParamsError(
+            f"{key}: {launcher!r} runs ONE process: accelerate's --cpu launch ignores "
+            "--num_processes unless started through mpirun. For several CPU processes use "
+            "'torchrun --nproc_per_node N'.")
+
+
 def _help(text: str, default: Any = dataclasses.MISSING, *, valid: tuple | None = None, **kw: Any) -> Any:
     metadata = {"help": text, **({"valid": valid} if valid else {})}
     if isinstance(default, (list, dict)):
@@ -143,8 +195,14 @@ class TrainConfig:
     )
     launcher: str = _help(
         "Command that runs the training stage: 'python' on one device, e.g. "
-        "'accelerate launch --num_processes 4' for several GPUs.",
+        "'accelerate launch --num_processes 4' for several GPUs, 'torchrun --nproc_per_node 2' for "
+        "several CPU processes (data parallel; FSDP and DeepSpeed are refused: untested here).",
         "python", valid=LAUNCHER,
+    )
+    collective_timeout: float = _help(
+        "Seconds a training process waits for the others in a collective (gradient all-reduce, "
+        "gathering statistics) before it fails: a process that fell out of step fails the stage "
+        "with an error instead of hanging it.", 1800.0, valid=POSITIVE,
     )
 
 
@@ -156,6 +214,11 @@ class EvalConfig:
                                  valid=AT_LEAST_1)
     limit: int | None = _help("Evaluate only the first N test examples (None = all).", None,
                               valid=AT_LEAST_1)
+    launcher: str = _help(
+        "Command that runs the evaluate stages: 'python', or e.g. 'torchrun --nproc_per_node 4' "
+        "(lm-eval's data parallelism: each process answers a share of the questions, the first "
+        "one writes the results).", "python", valid=LAUNCHER,
+    )
 
 
 CRITERIA = ("random", "grad_norm", "loss_ratio", "reward")
@@ -393,6 +456,8 @@ def parse_params(mapping: dict) -> Params:
     if unknown:
         raise ParamsError(f"{unknown[0]}: unknown params section. Known: {', '.join(sorted(known))}")
     sections = {name: build_section(cls, mapping.get(name), name) for name, cls in SECTIONS.items()}
+    check_launcher(sections["train"].launcher)
+    check_launcher(sections["eval"].launcher, "eval.launcher")
     epochs = parse_epochs(mapping["epochs"]) if "epochs" in mapping else Params().epochs
     criteria = mapping.get("criteria", Params.criteria)
     if criteria not in CRITERIA:

@@ -285,6 +285,15 @@ class ContinuousBatchingHFLM(HFLM):
     the answer, the task's metrics) is lm-eval's. Sampling, `batch_size="auto"`, thinking-token
     stripping and models `supports_continuous_batching` rejects take lm-eval's own path."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            # Launched as several processes on CPUs: HFLM splits the questions between processes
+            # only where it counts GPUs, so every process would answer all of them and each but the
+            # first would get no results back. Split them here as HFLM does on GPUs.
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if (str(self.batch_size).startswith("auto") or self.think_end_token is not None
                 or self.backend != "causal" or not supports_continuous_batching(self.model)):

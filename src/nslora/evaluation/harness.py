@@ -58,6 +58,10 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
 
     retain_freed_memory()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        # Under a multi-process launcher (torchrun) the Accelerator lm-eval builds joins the other
+        # processes (gloo) only when told it runs on CPUs; otherwise each process runs alone.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     dtype = resolve_dtype(precision, torch.device(device))
     lm = ContinuousBatchingHFLM(
         pretrained=str(base_dir),
@@ -131,18 +135,22 @@ def run_lm_eval(lm, test_path: Path | str, system_prompt: str, eval_cfg: EvalCon
 
 def evaluate(base_dir: Path | str, adapter_dir: Path | str | None, test_path: Path | str,
              system_prompt: str, eval_cfg: EvalConfig, precision: str = "auto",
-             attention: str = "auto", epoch: int = 0, lm=None) -> tuple[dict, pd.DataFrame]:
+             attention: str = "auto", epoch: int = 0, lm=None) -> tuple[dict, pd.DataFrame] | None:
     """Evaluate the base model (with `adapter_dir` when given) on the test Parquet.
 
     Returns:
         (summary, predictions): accuracy under both filters with its binomial standard error,
-        counts and timing; and one row per question (schemas.PREDICTIONS).
+        counts and timing; and one row per question (schemas.PREDICTIONS). Under a multi-process
+        launcher, only the first process gets them (lm-eval gathers every answer there); the
+        others get None.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     lm = lm or build_lm(base_dir, adapter_dir, eval_cfg, precision, attention=attention)
     start = time.perf_counter()
     results = run_lm_eval(lm, test_path, system_prompt, eval_cfg)
     seconds = time.perf_counter() - start
+    if results is None:
+        return None
     predictions = _predictions(results["samples"][TASK_NAME], epoch)
     n = len(predictions)
     accuracy = float(predictions["correct_flexible"].mean()) if n else 0.0
@@ -155,6 +163,7 @@ def evaluate(base_dir: Path | str, adapter_dir: Path | str | None, test_path: Pa
         "n": n,
         "seconds": round(seconds, 1),
         "questions_per_s": round(n / seconds, 3) if seconds else None,
+        "processes": lm.world_size,
     }
     return summary, predictions
 

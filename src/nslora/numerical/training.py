@@ -24,6 +24,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,8 @@ def split_micro_batches(batch: list[EncodedSample], max_tokens: int) -> list[lis
     """Consecutive chunks of `batch` whose padded size (rows x longest) stays within `max_tokens`
     (at least one sample each); 0 keeps the batch whole. Gradients accumulate over the chunks, so
     the update is the batch's, with a fraction of its activation memory."""
+    if not batch:
+        return []
     if not max_tokens:
         return [batch]
     chunks: list[list[EncodedSample]] = []
@@ -294,11 +297,14 @@ class LoraTrainer:
                  precision: str = "auto", record_grad_norms: bool = True, accelerator=None,
                  attention: str = "auto"):
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
         from peft import PeftModel
 
         retain_freed_memory()  # activations are re-allocated every step: keep their pages mapped
         self.base_dir, self.adapter_dir, self.train = Path(base_dir), Path(adapter_dir), train
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout))])
         self.device = self.accelerator.device
         self.dtype = resolve_dtype(precision, self.device)
         # What `precision` resolved to ('bfloat16' / 'float32'): 'auto' differs between machines.
@@ -354,6 +360,11 @@ class LoraTrainer:
             # scale its loss sum to give the mean over all valid samples of the global batch.
             scale = acc.num_processes / max(valid, 1)
             micro_batches = split_micro_batches(mine, self.train.micro_batch_tokens)
+            if not micro_batches:
+                # A batch smaller than the process count (7,473 GSM8K samples in batches of 8 end
+                # with one) leaves this process without a sample, yet the all-reduce of the others'
+                # gradients waits for its backward: it runs one of the batch's samples at weight 0.
+                self._forward_backward([samples[batch_ids[0]]], 0.0)
             for j, micro in enumerate(micro_batches):
                 last = j == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.loss_module):
@@ -366,7 +377,7 @@ class LoraTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             tokens += sum(len(s.input_ids) for s in mine)
-            if batch_index % 4 == 0:
+            if batch_index % 4 == 0 and mine:
                 bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in records[-len(mine):]]):.3f}",
                                 tok_s=f"{tokens * acc.num_processes / (time.perf_counter() - start):.0f}")
         stats = self._gather(records)
