@@ -208,6 +208,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    backend: Literal["hf", "vllm"] = _help(
+        "Engine that generates the answers: 'hf' (transformers through lm-eval's HF model, with "
+        "nslora's continuous batching; any adapter) or 'vllm' (lm-eval's vLLM model, the adapter as "
+        "a LoRA request; LoRA adapters only). Same task YAML, chat template and system prompt.", "hf")
+    tensor_parallel_size: int = _help("backend=vllm: GPUs that hold one copy of the model.", 1,
+                                      valid=AT_LEAST_1)
+    data_parallel_size: int = _help(
+        "backend=vllm: copies of the model answering shares of the questions (vLLM runs them "
+        "through ray).", 1, valid=AT_LEAST_1)
     batch_size: int = _help("Rows the evaluate stage decodes together (64 measured fastest on CPU).", 64,
                             valid=AT_LEAST_1)
     max_new_tokens: int = _help("New tokens per answer (gsm8k_cot_zeroshot uses 256).", 256,
@@ -458,6 +467,10 @@ def parse_params(mapping: dict) -> Params:
     sections = {name: build_section(cls, mapping.get(name), name) for name, cls in SECTIONS.items()}
     check_launcher(sections["train"].launcher)
     check_launcher(sections["eval"].launcher, "eval.launcher")
+    if sections["eval"].backend == "vllm" and launcher_processes(sections["eval"].launcher) != 1:
+        raise ParamsError(f"eval.launcher: {sections['eval'].launcher!r} starts several processes, but vLLM "
+                          "parallelises itself: set eval.launcher to a python (the one of the environment "
+                          "vLLM is installed in) and use eval.tensor_parallel_size / eval.data_parallel_size.")
     epochs = parse_epochs(mapping["epochs"]) if "epochs" in mapping else Params().epochs
     criteria = mapping.get("criteria", Params.criteria)
     if criteria not in CRITERIA:
