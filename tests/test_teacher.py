@@ -192,6 +192,31 @@ def test_budget_counts_every_request_retries_included(server, make):
     server.clear_faults()
 
 
+def test_a_retry_after_a_429_is_paid_by_its_samples_allowance(server, make):
+    """Budget 12, three samples reserving 4 calls each: the whole budget is reserved. A 429 on a
+    sample's first call is retried from that sample's own unused calls instead of being refused
+    (which would strand the sample while its allowance still had calls)."""
+    teacher = make(max_calls=12)
+    allowances = [teacher.reserve(4, label=f"s{i}") for i in range(3)]
+    assert all(allowances) and teacher.reserve(1) is None
+    server.fail_next(1, status=429, retry_after=0)
+    for i, allowance in enumerate(allowances):
+        with teacher.drawing_from(allowance):
+            assert [teacher.generate(ask(f"s{i} call {c}")) for c in range(3)] == [
+                f"reply to: s{i} call {c}" for c in range(3)]
+    stats = teacher.stats()
+    assert stats["budget_exhausted"] == 0 and stats["retries"] == 1 and stats["requests"] == 10
+    assert server.counts_by_status == {429: 1, 200: 9}
+
+
+def test_retry_reserve_is_kept_out_of_reservations(server, make):
+    teacher = make(max_calls=12, retry_reserve=4)
+    assert teacher.reserve(4) and teacher.reserve(4) and teacher.reserve(4) is None
+    server.fail_next(2, status=500)
+    assert teacher.generate(ask("unreserved work")) == "reply to: unreserved work"  # 3 of the 4 kept
+    assert teacher.stats()["requests"] == 3
+
+
 def test_budget_exhausted(server, make):
     teacher = make(max_calls=2)
     teacher.generate(ask("a"))

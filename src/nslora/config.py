@@ -305,6 +305,11 @@ class TeacherConfig:
         "funded sample's cached replies count against its share); unfunded samples keep their "
         "questions.", 200,
         valid=NON_NEGATIVE)
+    retry_reserve: int = _help(
+        "Requests of max_calls_per_epoch kept out of the samples' attempts for retries (429, 5xx, "
+        "timeouts): e.g. max_retries x concurrency for a rate-limited API. When it is spent, a "
+        "retry is paid from its own sample's attempt, so no sample is stranded while its share "
+        "has calls left.", 0, valid=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

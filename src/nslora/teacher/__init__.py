@@ -91,6 +91,7 @@ def make_teacher(config: TeacherConfig, cache_dir: Path, local_model_dir: Path |
         raise ValueError(f"teacher.engine: unknown engine {config.engine!r} (local, openai, hint)")
     return CachedTeacher(engine, cache_dir, max_retries=config.max_retries,
                          max_calls=config.max_calls_per_epoch if max_calls is None else max_calls,
+                         retry_reserve=config.retry_reserve,
                          max_tokens=config.max_tokens, temperature=config.temperature,
                          max_tokens_by_kind={"critique": config.critique_max_tokens,
                                              "feedback": config.feedback_max_tokens,

@@ -104,13 +104,15 @@ class CachedTeacher:
     not depend on thread timing reserves its calls up front, in a fixed order (`reserve`), and draws
     on them (`drawing_from`); such an allowance is charged for cached replies too, so a resumed or
     forced re-run does exactly the work of an uninterrupted run. Retries are paid from what is not
-    reserved.
+    reserved (`retry_reserve` units are kept out of every reservation for them) and, when that is
+    spent, from the allowance of the work they belong to: a 429 never strands a sample whose
+    allowance still has calls.
     """
 
     def __init__(self, engine: Engine, cache_dir: Path | str, *, max_retries: int = 4,
                  max_calls: int | None = None, max_tokens: int = 512, temperature: float = 0.0,
                  max_tokens_by_kind: dict[str, int] | None = None, backoff_base: float = 0.5,
-                 backoff_max: float = 30.0, max_retry_after: float = 120.0):
+                 backoff_max: float = 30.0, max_retry_after: float = 120.0, retry_reserve: int = 0):
         """
         Args:
             engine: the model backend (`OpenAIEngine`, `LocalEngine`, or any `Engine`).
@@ -125,6 +127,7 @@ class CachedTeacher:
             backoff_base: first retry waits about this long (jittered); each retry doubles it.
             backoff_max: cap of one backoff wait.
             max_retry_after: cap on a server's Retry-After, so a bogus header cannot stall a stage.
+            retry_reserve: budget units `reserve` never hands out, left for retries.
         """
         self.engine = engine
         self.cache = ReplyCache(cache_dir)
@@ -136,6 +139,7 @@ class CachedTeacher:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
+        self.retry_reserve = retry_reserve
         self._lock = threading.Lock()
         self._inflight: dict[str, list] = {}  # key -> [lock, number of threads holding or waiting]
         self._rng = random.Random()
@@ -205,7 +209,7 @@ class CachedTeacher:
         with self._lock:
             if self._unreserved is None:
                 return Allowance(None, label)
-            if requests > self._unreserved:
+            if requests > self._unreserved - self.retry_reserve:
                 return None
             self._unreserved -= requests
             return Allowance(requests, label)
@@ -313,14 +317,18 @@ class CachedTeacher:
     def _take_request(self, funded: bool) -> None:
         """One request is about to reach the engine: pay for it (unless an allowance already
         paid for this call's first request), or refuse it."""
+        allowance = getattr(self._local, "allowance", None)
         with self._lock:
             if not funded and self._unreserved is not None:
-                if self._unreserved < 1:
+                if self._unreserved >= 1:
+                    self._unreserved -= 1
+                elif allowance is not None and allowance.left:
+                    allowance.left -= 1  # a retry of this work, paid by it: the shared budget is spent
+                else:
                     self._counts["budget_exhausted"] += 1
                     raise BudgetExhausted(
                         f"teacher budget spent: {self.max_calls} requests this epoch "
                         "(teacher.max_calls_per_epoch); remaining samples keep their questions")
-                self._unreserved -= 1
             self._counts["requests"] += 1
 
     def _call(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
