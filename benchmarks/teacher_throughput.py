@@ -2,7 +2,7 @@
 the previous one, on the same quick-start questions in one run.
 
 Run as: python benchmarks/teacher_throughput.py [--teacher embedded:qwen2.5-coder-1.5b] \
-            [--questions 8] [--baseline-questions 8] [--concurrency 4]
+            [--questions 8] [--baseline-questions 8] [--concurrency 4] [--engine local|vllm]
 
 Questions: the first quick-start (params.yaml `data`) training problems that the pre-trained student
 (SmolLM2-135M-Instruct) answers wrong, with its answers. Each side runs one TextGrad iteration per
@@ -15,6 +15,11 @@ question (critique, two textual gradients, the TGD step: 4 teacher calls) throug
   baseline  the engine before: one call at a time (max_batch=1), bf16 decode, every prompt
             prefilled in full, every reply capped at 512 tokens (teacher.max_tokens' old default)
 
+With `--engine vllm` the baseline is vLLM instead: `vllm serve` of the same directory on 127.0.0.1
+(bf16, run by `--vllm-python`, default $NSLORA_VLLM_PYTHON or this python; on a CPU eager mode and a
+2 GiB KV cache), reached through the project's OpenAIEngine with the shipped side's per-kind caps;
+its start-up is timed apart, as the local engine's loading is, and its log is kept.
+
 Both load the same bf16 teacher on this machine's CPU. Printed per side: wall seconds, seconds per
 proposal (wall / questions), teacher tokens, proposals with tags and passing the rewrite checks
 (and why the others did not).
@@ -24,10 +29,16 @@ The last line is one JSON object with both and `"speedup"` (baseline s/proposal 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,9 +85,42 @@ def run_side(name: str, engine, caps: dict | None, samples: list[tuple], student
               "failures": stats["failures"],
               "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
               "by_kind": stats["by_kind"],
-              "batch_sizes": sorted(set(engine.batch_sizes)), "prefill_tokens": engine.prefill_tokens}
+              "batch_sizes": sorted(set(getattr(engine, "batch_sizes", []))),
+              "prefill_tokens": getattr(engine, "prefill_tokens", None)}
     print(json.dumps(result), flush=True)
     return result
+
+
+@contextlib.contextmanager
+def vllm_server(python: str, model_dir: Path, name: str, log_path: Path):
+    """`vllm serve` on a free local port for the block; yields (base URL, start-up seconds)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu"),
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager"]
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - start > 900:
+                    raise RuntimeError(f"vllm serve did not start; its log: {log_path}")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1", time.perf_counter() - start
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main() -> None:
@@ -87,6 +131,10 @@ def main() -> None:
     parser.add_argument("--baseline-questions", type=int, default=None,
                         help="Questions for the baseline (default: all; fewer saves its ~3 min each).")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--engine", choices=["local", "vllm"], default="local",
+                        help="The baseline: 'local' (the engine before) or 'vllm' (vllm serve).")
+    parser.add_argument("--vllm-python", default=os.environ.get("NSLORA_VLLM_PYTHON", sys.executable))
+    parser.add_argument("--vllm-log", type=Path, default=Path("vllm_serve.log"))
     args = parser.parse_args()
 
     import torch
@@ -105,21 +153,37 @@ def main() -> None:
     t = params.teacher
     caps = {"critique": t.critique_max_tokens, "feedback": t.feedback_max_tokens,
             "rewrite": t.rewrite_max_tokens}
+    startup = {}
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
         shipped_engine = LocalEngine(teacher_dir, params.model.precision, name=args.teacher,
                                      max_batch=args.concurrency)
+        startup["shipped"] = round(time.perf_counter() - start, 1)
         shipped = run_side("shipped: batched LocalEngine, per-kind caps", shipped_engine, caps,
                            samples, student, params, args.concurrency, Path(tmp) / "shipped")
         shipped_engine.close()
         del shipped_engine
-        baseline_engine = LocalEngine(teacher_dir, params.model.precision, name=args.teacher, max_batch=1,
-                                      int8_decode=False, prefix_cache_tokens=0)
-        baseline = run_side("baseline: one call at a time, 512 tokens", baseline_engine, None,
-                            samples[:args.baseline_questions], student, params, args.concurrency,
-                            Path(tmp) / "baseline")
-        baseline_engine.close()
+        if args.engine == "vllm":
+            from nslora.teacher.openai_engine import OpenAIEngine
+
+            with vllm_server(args.vllm_python, teacher_dir, args.teacher, args.vllm_log) as (url, seconds):
+                startup["baseline"] = round(seconds, 1)
+                baseline = run_side("baseline: vllm serve (bf16), per-kind caps",
+                                    OpenAIEngine(url, args.teacher, api_key="unused", timeout=600), caps,
+                                    samples[:args.baseline_questions], student, params, args.concurrency,
+                                    Path(tmp) / "baseline")
+        else:
+            start = time.perf_counter()
+            baseline_engine = LocalEngine(teacher_dir, params.model.precision, name=args.teacher, max_batch=1,
+                                          int8_decode=False, prefix_cache_tokens=0)
+            startup["baseline"] = round(time.perf_counter() - start, 1)
+            baseline = run_side("baseline: one call at a time, 512 tokens", baseline_engine, None,
+                                samples[:args.baseline_questions], student, params, args.concurrency,
+                                Path(tmp) / "baseline")
+            baseline_engine.close()
     print(json.dumps({
-        "teacher": args.teacher, "concurrency": args.concurrency,
+        "teacher": args.teacher, "concurrency": args.concurrency, "baseline_engine": args.engine,
+        "startup_s": startup,
         "shipped_s_per_proposal": shipped["s_per_proposal"],
         "baseline_s_per_proposal": baseline["s_per_proposal"],
         "shipped_questions": shipped["questions"], "baseline_questions": baseline["questions"],
