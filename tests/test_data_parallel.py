@@ -137,3 +137,20 @@ def test_two_process_evaluation_equals_one(tiny_model_dir, tmp_path):
         assert summary["processes"] == processes and summary["n"] == 7
         outputs[processes] = read_table(out / "eval.parquet", PREDICTIONS).set_index("id").sort_index()
     pd.testing.assert_frame_equal(outputs[1], outputs[2])
+
+
+def test_dvc_exp_run_with_torchrun_launchers(tiny_model_dir, tmp_path):
+    """The README's commands: `dvc exp run -S train.launcher=... -S eval.launcher=...` trains and
+    evaluates epoch 1 as two processes through dvc.yaml's commands."""
+    from test_pipeline import make_repo, run
+
+    repo = make_repo(tmp_path, {"model": {"name": str(tiny_model_dir), "precision": "fp32"},
+                                "data": {"train_size": 9, "test_size": 4},
+                                "train": {"batch_size": 4, "max_length": 512},
+                                "eval": {"max_new_tokens": 8, "batch_size": 4}})
+    launcher = "torchrun --standalone --nproc_per_node 2"
+    run(["dvc", "exp", "run", "-S", f"train.launcher='{launcher}'", "-S", f"eval.launcher='{launcher}'",
+         "evaluate@1"], repo)
+    assert read_meta(repo / "models" / "adapters" / "epoch_1")["processes"] == 2
+    assert json.loads((repo / "metrics" / "eval" / "epoch_1.json").read_text())["processes"] == 2
+    assert len(read_table(repo / "data" / "stats" / "epoch_1.parquet", SAMPLE_STATS)) == 9
