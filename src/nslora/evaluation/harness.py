@@ -168,6 +168,7 @@ def evaluate(base_dir: Path | str, adapter_dir: Path | str | None, test_path: Pa
         "seconds": round(seconds, 1),
         "questions_per_s": round(n / seconds, 3) if seconds else None,
         "processes": lm.world_size,
+        "backend": eval_cfg.backend,
     }
     return summary, predictions
 
