@@ -1,4 +1,5 @@
-"""Materialise the base model once as a plain HF directory (float32 weights + tokenizer).
+"""Materialise the base model once as a plain HF directory (weights + tokenizer): float32 for an
+embedded model, the checkpoint's own dtype (bf16 for most hub models) otherwise.
 
 Run as: python stages/materialize_model.py --params params.yaml --out models/base
 """
