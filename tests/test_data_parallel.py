@@ -31,20 +31,30 @@ pytestmark = pytest.mark.integration
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def write_params(path, model_dir, train: TrainConfig, launcher: str) -> None:
+def launcher_param(launcher: list[str]) -> str:
+    """The params.yaml launcher that starts as many processes as the command `launcher`."""
+    return "python" if launcher == [sys.executable] else "torchrun --nproc_per_node 2"
+
+
+def write_params(path, model_dir, **sections: dict) -> None:
+    """The real params.yaml on the tiny model in fp32, with `sections` updated."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"].update(name=str(model_dir), precision="fp32")
-    params["train"].update(batch_size=train.batch_size, max_length=train.max_length, lr=train.lr,
-                           seed=train.seed, micro_batch_tokens=train.micro_batch_tokens,
-                           launcher=launcher, collective_timeout=60.0)
+    for name, values in sections.items():
+        params[name].update(values)
     path.write_text(yaml.safe_dump(params))
+
+
+def train_section(train: TrainConfig, launcher: str) -> dict:
+    return {"batch_size": train.batch_size, "max_length": train.max_length, "lr": train.lr, "seed": train.seed,
+            "micro_batch_tokens": train.micro_batch_tokens, "launcher": launcher, "collective_timeout": 60.0}
 
 
 def run_epoch(launcher: list[str], inputs: dict, out, timeout: float = 300):
     """The lora_epoch stage as dvc would run it; returns the adapter dir and the stats table."""
     out.mkdir()
-    launcher_param = "python" if launcher == [sys.executable] else "torchrun --nproc_per_node 2"
-    write_params(out / "params.yaml", inputs["model"], inputs["train_config"], launcher_param)
+    write_params(out / "params.yaml", inputs["model"],
+                 train=train_section(inputs["train_config"], launcher_param(launcher)))
     cmd = [*launcher, str(ROOT / "stages" / "lora_epoch.py"), "--params", str(out / "params.yaml"), "--epoch", "1",
            "--base", str(inputs["model"]), "--prev", str(inputs["prev"]), "--train", str(inputs["train"]),
            "--out", str(out / "adapter"), "--stats", str(out / "stats.parquet"), "--metrics", str(out / "m.json")]
@@ -102,7 +112,7 @@ def test_a_launch_that_runs_fewer_processes_than_asked_fails(tiny_model_dir, tmp
     does) would train and record a one-process run: the stage refuses instead."""
     train = TrainConfig(batch_size=4, max_length=128, seed=5)
     inputs = make_inputs(tmp_path, tiny_model_dir, 4, train)
-    write_params(tmp_path / "params.yaml", tiny_model_dir, train, "torchrun --nproc_per_node 2")
+    write_params(tmp_path / "params.yaml", tiny_model_dir, train=train_section(train, "torchrun --nproc_per_node 2"))
     result = subprocess.run(
         [sys.executable, str(ROOT / "stages" / "lora_epoch.py"), "--params", str(tmp_path / "params.yaml"),
          "--epoch", "1", "--base", str(tiny_model_dir), "--prev", str(inputs["prev"]), "--train", str(inputs["train"]),
@@ -121,11 +131,8 @@ def test_two_process_evaluation_equals_one(tiny_model_dir, tmp_path):
     for launcher, processes in (([sys.executable], 1), (TORCHRUN, 2)):
         out = tmp_path / f"p{processes}"
         out.mkdir()
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["model"].update(name=str(tiny_model_dir), precision="fp32")
-        params["eval"].update(batch_size=4, max_new_tokens=12,
-                              launcher="python" if processes == 1 else "torchrun --nproc_per_node 2")
-        (out / "params.yaml").write_text(yaml.safe_dump(params))
+        write_params(out / "params.yaml", tiny_model_dir,
+                     eval={"batch_size": 4, "max_new_tokens": 12, "launcher": launcher_param(launcher)})
         result = subprocess.run(
             [*launcher, str(ROOT / "stages" / "evaluate.py"), "--params", str(out / "params.yaml"), "--epoch", "0",
              "--base", str(tiny_model_dir), "--test", str(test), "--metrics", str(out / "eval.json"),

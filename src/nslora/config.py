@@ -56,16 +56,21 @@ def _launcher_options(launcher: str) -> dict[str, str]:
     return options
 
 
+def _launcher_kind(launcher: str) -> str:
+    """'torchrun' (also as python -m torch.distributed.run), 'accelerate' or 'python'."""
+    words = launcher.split()
+    if "torchrun" in words[0] or "torch.distributed.run" in words:
+        return "torchrun"
+    return "accelerate" if "accelerate" in words[0] else "python"
+
+
 def launcher_processes(launcher: str) -> int | None:
     """How many processes `launcher` starts on this machine (None: it decides itself, e.g.
     accelerate without --num_processes uses every GPU)."""
-    words, options = launcher.split(), _launcher_options(launcher)
-    if "torchrun" in words[0] or "torch.distributed.run" in words:
-        count = options.get("nproc_per_node")
-    elif "accelerate" in words[0]:
-        count = options.get("num_processes")
-    else:
+    kind = _launcher_kind(launcher)
+    if kind == "python":
         return 1
+    count = _launcher_options(launcher).get("nproc_per_node" if kind == "torchrun" else "num_processes")
     return int(count) if count and count.isdigit() else None
 
 
@@ -83,7 +88,7 @@ def check_launcher(launcher: str, key: str = "train.launcher") -> None:
                 f"{key}: --{name} is not supported: nslora trains with data parallelism, "
                 "every process holding the whole model (the per-sample gradient norms and the adapter "
                 f"hand-off are tested that way). Use {DATA_PARALLEL_LAUNCHERS}.")
-    if "accelerate" in launcher and "cpu" in options and (launcher_processes(launcher) or 1) > 1:
+    if _launcher_kind(launcher) == "accelerate" and "cpu" in options and (launcher_processes(launcher) or 1) > 1:
         raise ParamsError(
             f"{key}: {launcher!r} runs ONE process: accelerate's --cpu launch ignores "
             "--num_processes unless started through mpirun. For several CPU processes use "

@@ -149,7 +149,8 @@ def evaluate(base_dir: Path | str, adapter_dir: Path | str | None, test_path: Pa
         from .vllm_backend import build_vllm_lm
 
         lm = build_vllm_lm(base_dir, adapter_dir, eval_cfg, precision)
-    lm = lm or build_lm(base_dir, adapter_dir, eval_cfg, precision, attention=attention)
+    elif lm is None:
+        lm = build_lm(base_dir, adapter_dir, eval_cfg, precision, attention=attention)
     start = time.perf_counter()
     results = run_lm_eval(lm, test_path, system_prompt, eval_cfg)
     seconds = time.perf_counter() - start
