@@ -257,6 +257,29 @@ def test_rewrite_epoch_is_identical_whatever_the_concurrency(student):
     assert runs[0].metrics["accepted"] == 5 and set(runs[0].log["reason"]) == {"max_iters"}
 
 
+class RecordingStudent:
+    """The real student, recording the questions of each call it gets."""
+
+    def __init__(self, student):
+        self.student, self.calls = student, []
+
+    def answer(self, system_prompt, questions, max_new_tokens=256):
+        self.calls.append(list(questions))
+        return self.student.answer(system_prompt, questions, max_new_tokens)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_the_student_answers_each_iterations_rewrites_in_one_batch_in_id_order(student, concurrency):
+    # 5 samples, 2 iterations, never right: 2 batched calls of 5 (not 10 calls of 1 under a lock),
+    # whatever the concurrency, so which questions share a batch is fixed.
+    train = make_examples(8)
+    recording = RecordingStudent(student)
+    result = rewrite_epoch(train, selection(train, [7, 0, 3, 5, 2]), HintRewriter(), recording, 1, CFG,
+                           concurrency, "hint", progress=False)
+    assert [len(call) for call in recording.calls] == [5, 5]
+    assert recording.calls[-1] == result.log.sort_values("id")["question_after"].tolist()
+
+
 class ScriptedEngine:
     """The scripted teacher as an `Engine` behind a real `CachedTeacher` (cache, budget, retries).
     Its rewrites differ per sample, and `kill_after` raises KeyboardInterrupt at that call, as a

@@ -1,7 +1,8 @@
 """One epoch's symbolic update: the selected samples the student gets wrong are rewritten in parallel
 within the teacher's budget (reserved per sample in id order, so the outcome does not depend on
-concurrency or on a kill and resume), checked, re-asked, and logged; then the system prompt is
-revised from their critiques (its one call is reserved before any sample is funded)."""
+concurrency or on a kill and resume), checked, re-asked (the student answers the rewrites of one
+iteration in one batch), and logged; then the system prompt is revised from their critiques (its one
+call is reserved before any sample is funded)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,7 +21,7 @@ from ..answers import is_right
 from ..config import SymbolicConfig
 from ..schemas import REWRITES, system_prompt_of
 from .checks import Similarity, check_proposal, minilm_similarity
-from .rewriters import Rewriter, Sample
+from .rewriters import Proposal, Rewriter, Sample
 
 if TYPE_CHECKING:
     from ..selection.student import Student
@@ -41,54 +42,101 @@ PROPOSAL_COUNTS = ("made", "tagged", "passed_checks", "student_correct_after")
 PROMPT_STEP_CALLS = 1  # the end-of-epoch system-prompt update: one TGD step
 
 
-def _rewrite_sample(sample: Sample, before: str, rewriter: Rewriter, student: Student,
-                    cfg: SymbolicConfig, similarity: Similarity | None,
-                    stop: threading.Event) -> tuple[dict, Counter] | None:
-    """Propose, check and re-ask until the student is right or `max_iters`.
+@dataclass
+class _Attempt:
+    """One sample's rewrite in progress: the question and answer so far, and how it ended."""
+    sample: Sample
+    allowance: Any                 # its reserved teacher calls (None: no budget)
+    question: str
+    output: str
+    proposed: str = ""
+    critiques: list[str] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    reason: str = "max_iters"
+    iterations: int = 0
+    done: bool = False
 
-    Returns:
-        (the REWRITES row, counts of its proposals by `PROPOSAL_COUNTS`), or None when the epoch
-        was stopped before this sample started.
-    """
-    if stop.is_set():
-        return None
-    question, output, proposed = sample.question, before, ""
-    critiques: list[str] = []
-    counts: Counter = Counter()
-    reason, iterations = "max_iters", 0
-    for iteration in range(1, cfg.max_iters + 1):
-        if stop.is_set():
-            reason = "stopped"
-            break
-        iterations = iteration
-        proposal = rewriter.propose(sample, question, output, iteration)
+    def take(self, proposal: Proposal, failure: str | None) -> bool:
+        """Record one proposal and its check; whether the student should answer it."""
         if proposal.feedback:
-            critiques.append(proposal.feedback)
+            self.critiques.append(proposal.feedback)
         if proposal.question is not None or proposal.failure == "no_improved_variable_tags":
-            counts["made"] += 1
+            self.counts["made"] += 1
         if proposal.question is not None:
-            proposed = proposal.question
-            counts["tagged"] += 1
-        failure = proposal.failure or check_proposal(sample, question, proposal.question, cfg, similarity,
-                                                      rewriter.may_add_numbers)
+            self.proposed = proposal.question
+            self.counts["tagged"] += 1
         if failure:
             # A teacher at temperature 0 would propose the same again; stop rather than retry.
-            reason = failure
-            break
-        counts["passed_checks"] += 1
-        question = proposal.question
-        output = student.answer(sample.system_prompt, [question], cfg.student_max_new_tokens)[0]
-        if is_right(output, sample.final_answer):
-            counts["student_correct_after"] += 1
-            reason = "correct"
-            break
-    return {
-        "id": sample.id, "iterations": iterations, "original_question": sample.original_question,
-        "question_before": sample.question, "proposed_question": proposed, "question_after": question,
-        "accepted": question != sample.question, "reason": reason,
-        "feedback": FEEDBACK_SEPARATOR.join(critiques), "student_output_before": before,
-        "student_output_after": output, "correct_after": is_right(output, sample.final_answer),
-    }, counts
+            self.reason, self.done = failure, True
+            return False
+        self.counts["passed_checks"] += 1
+        self.question = proposal.question
+        return True
+
+    def answered(self, output: str) -> None:
+        self.output = output
+        if is_right(output, self.sample.final_answer):
+            self.counts["student_correct_after"] += 1
+            self.reason, self.done = "correct", True
+
+    def row(self, before: str) -> dict:
+        """Its REWRITES row (without epoch and engine)."""
+        sample = self.sample
+        return {
+            "id": sample.id, "iterations": self.iterations, "original_question": sample.original_question,
+            "question_before": sample.question, "proposed_question": self.proposed,
+            "question_after": self.question, "accepted": self.question != sample.question,
+            "reason": self.reason, "feedback": FEEDBACK_SEPARATOR.join(self.critiques),
+            "student_output_before": before, "student_output_after": self.output,
+            "correct_after": is_right(self.output, sample.final_answer),
+        }
+
+
+def _answer_all(student: Student, attempts: list[_Attempt], max_new_tokens: int) -> list[str]:
+    """The student's answers to the attempts' current questions: one batched call per system
+    prompt (normally one), in the attempts' order."""
+    outputs: dict[int, str] = {}
+    by_prompt: dict[str, list[int]] = {}
+    for index, attempt in enumerate(attempts):
+        by_prompt.setdefault(attempt.sample.system_prompt, []).append(index)
+    for system_prompt, indices in by_prompt.items():
+        answers = student.answer(system_prompt, [attempts[i].question for i in indices], max_new_tokens)
+        outputs.update(zip(indices, answers))
+    return [outputs[i] for i in range(len(attempts))]
+
+
+def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cfg: SymbolicConfig,
+              similarity: Similarity | None, pool: ThreadPoolExecutor, budget: Budget | None,
+              stop: threading.Event) -> None:
+    """Propose, check and re-ask until each sample's student is right or `max_iters`, the samples
+    of one wave in lockstep: every iteration's proposals are made in parallel on `pool`, then the
+    student answers all that passed the checks in one batch, in id order. The batch is fixed by
+    the wave and the iteration, never by thread timing, so greedy answers are the same in every run
+    (padding in a batch can change a bf16 answer, so a batch made of whichever threads happen to
+    be waiting would not be)."""
+
+    def propose(attempt: _Attempt) -> Proposal:
+        with contextlib.nullcontext() if attempt.allowance is None else \
+                budget.drawing_from(attempt.allowance, release=False):
+            return rewriter.propose(attempt.sample, attempt.question, attempt.output, attempt.iterations)
+
+    active = list(attempts)
+    for iteration in range(1, cfg.max_iters + 1):
+        if stop.is_set():
+            for attempt in active:
+                attempt.reason, attempt.done = "stopped", True
+            return
+        for attempt in active:
+            attempt.iterations = iteration
+        passing = [attempt for attempt, proposal in zip(active, pool.map(propose, active))
+                   if attempt.take(proposal, proposal.failure or check_proposal(
+                       attempt.sample, attempt.question, proposal.question, cfg, similarity,
+                       rewriter.may_add_numbers))]
+        for attempt, output in zip(passing, _answer_all(student, passing, cfg.student_max_new_tokens)):
+            attempt.answered(output)
+        active = [attempt for attempt in active if not attempt.done]
+        if not active:
+            return
 
 
 def _candidates(train: pd.DataFrame, selected: pd.DataFrame) -> tuple[list[Sample], dict[str, str]]:
@@ -119,19 +167,22 @@ class Budget(Protocol):
 
     def reserve(self, requests: int, label: str = "") -> Any: ...
 
-    def drawing_from(self, allowance: Any) -> Any: ...
+    def drawing_from(self, allowance: Any, release: bool = True) -> Any: ...
+
+    def release(self, allowance: Any) -> None: ...
 
 
 def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewriter, student: Student,
                  cfg: SymbolicConfig, similarity: Similarity | None, concurrency: int,
                  budget: Budget | None, stop: threading.Event,
                  progress: bool) -> tuple[list[tuple[dict, Counter]], int]:
-    """Rewrite `samples` on `concurrency` threads.
+    """Rewrite `samples`, the teacher's calls on `concurrency` threads.
 
     With a budget, each sample is funded with a whole attempt (`calls_per_iteration * max_iters`
     calls) before it starts, in id order, in waves: what the samples of one wave leave unused funds
-    the next. Which samples are rewritten therefore never depends on thread timing, on
-    `concurrency`, or on replies coming from the cache after a kill.
+    the next. Which samples are rewritten, and which questions the student answers together,
+    therefore never depend on thread timing, on `concurrency`, or on replies coming from the cache
+    after a kill.
 
     Returns:
         (the (row, proposal counts) of every attempted sample, sorted by id; the number of samples
@@ -142,11 +193,6 @@ def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewri
     per_sample = rewriter.calls_per_iteration * cfg.max_iters
     todo = list(samples)
     results: list[tuple[dict, Counter]] = []
-
-    def attempt(sample: Sample, allowance: Any) -> tuple[dict, Counter] | None:
-        with contextlib.nullcontext() if allowance is None else budget.drawing_from(allowance):
-            return _rewrite_sample(sample, outputs[sample.id], rewriter, student, cfg, similarity, stop)
-
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
             tqdm(total=len(samples), desc="symbolic rewrites", disable=not progress) as bar:
         while todo:
@@ -158,17 +204,19 @@ def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewri
                     wave.append((todo.pop(0), allowance))
                 if not wave:
                     break
-            futures = [pool.submit(attempt, sample, allowance) for sample, allowance in wave]
+            attempts = [_Attempt(sample, allowance, sample.question, outputs[sample.id])
+                        for sample, allowance in wave]
             try:
-                for future in as_completed(futures):
-                    if (result := future.result()) is not None:
-                        results.append(result)
-                    bar.update()
+                _run_wave(attempts, rewriter, student, cfg, similarity, pool, budget, stop)
             except BaseException:
                 stop.set()
-                for future in futures:
-                    future.cancel()
                 raise
+            finally:
+                for attempt in attempts:
+                    if attempt.allowance is not None:
+                        budget.release(attempt.allowance)
+            results += [(attempt.row(outputs[attempt.sample.id]), attempt.counts) for attempt in attempts]
+            bar.update(len(attempts))
     return sorted(results, key=lambda r: r[0]["id"]), len(todo)
 
 

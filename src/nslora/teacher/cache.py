@@ -215,18 +215,24 @@ class CachedTeacher:
             return Allowance(requests, label)
 
     @contextlib.contextmanager
-    def drawing_from(self, allowance: Allowance) -> Iterator[Allowance]:
+    def drawing_from(self, allowance: Allowance, release: bool = True) -> Iterator[Allowance]:
         """Calls made by this thread inside the block are charged to `allowance`; what is left of
-        it goes back to the budget at the end."""
+        it goes back to the budget at the end, unless `release` is off (work that draws on one
+        allowance in several blocks, possibly on different threads, then calls `release`)."""
         self._local.allowance = allowance
         try:
             yield allowance
         finally:
             self._local.allowance = None
-            with self._lock:
-                if self._unreserved is not None and allowance.left:
-                    self._unreserved += allowance.left
-                allowance.left = 0
+            if release:
+                self.release(allowance)
+
+    def release(self, allowance: Allowance) -> None:
+        """Return what is left of `allowance` to the budget."""
+        with self._lock:
+            if self._unreserved is not None and allowance.left:
+                self._unreserved += allowance.left
+            allowance.left = 0
 
     def stats(self) -> dict:
         """Counters since this teacher was made.
