@@ -27,7 +27,8 @@ def main(params_path: str, base_dir: str, train_path: str, out_dir: str, stats_p
         train = read_table(train_path, EXAMPLES)
         path = init_adapter(base_dir, train, params.lora, params.train, out_dir, adapter_type(params.method))
         trainer = LoraTrainer(base_dir, path, params.train, precision=params.model.precision,
-                              attention=params.model.attention, record_grad_norms=False)
+                              attention=params.model.attention,
+                              quantization=params.model.quantization, record_grad_norms=False)
         write_table(trainer.measure_losses(train, epoch=0), stats_path, SAMPLE_STATS)
     click.echo(f"initialised LoRA adapter at {path}; initial losses in {stats_path}")
 

@@ -34,7 +34,8 @@ def main(params_path, epoch, base_dir, prev_dir, train_path, out_dir, stats_path
         train_df = read_table(train_path, EXAMPLES)
         train = training_settings(params.method, params.train, params.lora.prefix_lr)
         trainer = LoraTrainer(base_dir, prev_dir, train, precision=params.model.precision,
-                              attention=params.model.attention)
+                              attention=params.model.attention,
+                              quantization=params.model.quantization)
         asked = launcher_processes(params.train.launcher)
         if asked and trainer.accelerator.num_processes != asked:
             raise ValueError(f"train.launcher {params.train.launcher!r} asks for {asked} processes, but this "

@@ -112,10 +112,17 @@ class ModelConfig:
         "embedded:smollm2",
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) for a hub id.", None)
-    precision: Literal["auto", "bf16", "fp32"] = _help(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _help(
         "Compute precision for training and evaluation. 'auto' picks bf16 where the device "
-        "supports it (CUDA with bf16, CPUs with AVX512-BF16/AMX) and fp32 elsewhere.",
+        "supports it (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp16 on other GPUs (V100, T4: "
+        "training then scales the loss) and fp32 on other CPUs.",
         "auto",
+    )
+    quantization: Literal["none", "nf4"] = _help(
+        "Storage of the frozen base weights in LoRA training: 'nf4' keeps them in 4 bits "
+        "(bitsandbytes, QLoRA: an 8B model in ~5.5 GB instead of 16), computing in `precision`. "
+        "Needs `pip install 'nslora[qlora]'`; LoRA only (not method=prefix).",
+        "none",
     )
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _help(
         "Attention kernel. 'auto': sdpa, except nslora's grouped eager attention for training on a "
@@ -203,6 +210,10 @@ class TrainConfig:
         "'accelerate launch --num_processes 4' for several GPUs, 'torchrun --nproc_per_node 2' for "
         "several CPU processes (data parallel; FSDP and DeepSpeed are refused: untested here).",
         "python", valid=LAUNCHER,
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute each decoder layer's activations in the backward instead of keeping them: "
+        "activation memory of one layer instead of all, for about a third more compute.", False,
     )
     collective_timeout: float = _help(
         "Seconds a training process waits for the others in a collective (gradient all-reduce, "

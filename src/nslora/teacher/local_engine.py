@@ -126,10 +126,10 @@ class LocalEngine:
         """
         from transformers import AutoModelForCausalLM
 
-        from ..models import load_tokenizer, resolve_dtype, speed_up_generation, stop_token_ids
+        from ..models import compute_device, load_tokenizer, resolve_dtype, speed_up_generation, stop_token_ids
 
         self.model = name or str(model_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else compute_device()
         self.dtype = resolve_dtype(precision, self.device)
         self.tokenizer = load_tokenizer(model_dir)
         self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
