@@ -1,4 +1,4 @@
-"""The `nslora` command: check and explain params, set the number of epochs, downstream transfer.
+"""The `nslora` command: check and explain params, set the number of epochs, estimate memory, downstream transfer.
 
 Run as: nslora --help
         nslora downstream --train-size 128 --test-size 50 --epochs 1   # Gemma 3 270M, both datasets
@@ -17,11 +17,13 @@ import yaml
 from nslora.config import SECTIONS, ParamsError, epochs_mapping, parse_params
 from nslora_cli.experiments import compare, publish_reward, report
 from nslora_cli.params_file import DEFAULT_PARAMS, load_params
+from nslora_cli.stage import quiet_bitsandbytes
 
 
 @click.group()
 def cli() -> None:
     """Neurosymbolic LoRA: a DVC pipeline (run it with `dvc repro`) and its helpers."""
+    quiet_bitsandbytes()
 
 
 @cli.command()
@@ -103,6 +105,42 @@ def profile(name: str, params_path: str, profiles_dir: str) -> None:
         raise click.ClickException(str(err)) from err
     Path(params_path).write_text(source.read_text())
     click.echo(f"{params_path} <- {source} (git diff shows the change; dvc repro runs it)")
+
+
+@cli.command()
+@click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Where training will run (its precision and attention follow): default this machine.")
+def plan(params_path: str, device: str | None) -> None:
+    """Estimate the memory of one training process before a run (the model's shapes from its
+    config.json, no weights loaded), e.g. `nslora plan --params profiles/gsm8k_paper.yaml --device cuda`."""
+    import torch
+
+    from nslora.config import launcher_processes
+    from nslora.models import EMBEDDED, ModelSourceError, materialized
+    from nslora.plan import training_memory
+
+    try:
+        loaded = load_params(params_path)
+    except ParamsError as err:
+        raise click.ClickException(str(err)) from err
+    model = loaded.model
+    target = torch.device(device) if device else None
+    processes = launcher_processes(loaded.train.launcher) or max(1, torch.cuda.device_count())
+    try:
+        # An embedded model's config is in its GGUF: materialise it once, as `dvc repro` would.
+        model_dir = materialized(model.name) if model.name.startswith("embedded:") else model.name
+        estimate = training_memory(model_dir, model, loaded.lora, loaded.train, processes, target)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelSourceError):
+            raise click.ClickException(str(err)) from err
+        raise click.ClickException(
+            f"model.name={model.name!r}: cannot read its config.json ({str(err).splitlines()[0][:200]}). "
+            "Run where the hub is reachable or the model is in the HF cache, or point model.name at a "
+            "local HF directory (" + ", ".join(f"embedded:{k}" for k in EMBEDDED) + " work offline).") from err
+    click.echo(f"{params_path}: {model.name}, {processes} training process(es), {estimate.dtype}, "
+               f"batch {loaded.train.batch_size} x {loaded.train.max_length} tokens")
+    click.echo(estimate.table())
 
 
 cli.add_command(compare)

@@ -16,6 +16,14 @@ def setup_logging() -> None:
     # Third-party chatter that says nothing about this run.
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval.api.task"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_bitsandbytes()
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes, imported by peft wherever it is installed, warns on every import that it could
+    not fetch an optional CPU kernel from the hub (offline, or publisher not trusted); its own
+    kernel is used instead, so the warning says nothing about the run."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class StageError(click.ClickException):

@@ -88,11 +88,15 @@ def model_skeleton(model_dir: Path | str, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # peft creates adapter weights on the device of the layer they adapt: on the meta device they
-    # would have no values. A placeholder on the CPU keeps them there.
+    # would have no values. A placeholder on the CPU keeps them there. Tied weights (embeddings and
+    # LM head) stay one parameter.
+    placeholders: dict[int, tuple] = {}  # id -> (the meta parameter, kept so the id stays its; placeholder)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            module._parameters[name] = torch.nn.Parameter(
-                torch.empty((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+            if id(param) not in placeholders:
+                placeholders[id(param)] = param, torch.nn.Parameter(
+                    torch.empty((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+            module._parameters[name] = placeholders[id(param)][1]
     return model
 
 
