@@ -46,6 +46,14 @@ def examples():
     return make_examples
 
 
+@pytest.fixture(scope="module")
+def student(tiny_model_dir):
+    """The real tiny random Llama as the student (it never answers correctly)."""
+    from nslora.selection.student import Student
+
+    return Student(tiny_model_dir, None, precision="fp32", attention="eager")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

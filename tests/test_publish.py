@@ -76,7 +76,7 @@ class NumberDroppingRewriter(HintRewriter):
     def __init__(self, bad_id: str):
         self.bad_id = bad_id
 
-    def propose(self, sample, question, student_output, iteration):
+    def propose(self, sample, question, student_output, iteration, refused=None):
         if sample.id == self.bad_id:
             return Proposal("How many legs do the animals have in total?")
         return super().propose(sample, question, student_output, iteration)

@@ -17,7 +17,6 @@ import pytest
 from conftest import make_examples
 from nslora.config import SymbolicConfig
 from nslora.schemas import EXAMPLES, REWRITES, to_table
-from nslora.selection.student import Student
 from nslora.symbolic import (HintRewriter, Proposal, Sample, TextGradRewriter, check_rewrite,
                              minilm_similarity, rewrite_epoch, solution_steps, update_system_prompt)
 from nslora.symbolic.textgrad import strip_preamble
@@ -59,7 +58,7 @@ class ScriptedTeacher:
             return "update"
         return "gradient" if "<OBJECTIVE_FUNCTION>" in user else "loss"
 
-    def generate(self, messages, *, max_tokens=None, temperature=None, kind=None) -> str:
+    def generate(self, messages, *, max_tokens=None, temperature=None, kind=None, grammar=None) -> str:
         system = messages[0]["content"] if messages[0]["role"] == "system" else ""
         user = messages[-1]["content"]
         kind = self.kind(system, user)
@@ -76,10 +75,6 @@ class ScriptedTeacher:
         variable = re.search(r"<VARIABLE> (.*?) </VARIABLE>", user, re.S).group(1)
         return self.improve(variable)
 
-
-@pytest.fixture(scope="module")
-def student(tiny_model_dir):
-    return Student(tiny_model_dir, None, precision="fp32", attention="eager")
 
 
 # ---------------------------------------------------------------------------------------- checks

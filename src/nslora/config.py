@@ -321,6 +321,13 @@ class TeacherConfig:
         "funded sample's cached replies count against its share); unfunded samples keep their "
         "questions.", 200,
         valid=NON_NEGATIVE)
+    grammar: bool = _help(
+        "Constrain each rewrite reply by grammar where the engine can (local: llguidance; openai: "
+        "per structured_outputs): the improved question between TextGrad's tags, holding exactly "
+        "the original's numbers in order, no '#'. The checks still run on every reply.", True)
+    structured_outputs: Literal["none", "vllm", "llama_cpp"] = _help(
+        "openai: how the server takes that grammar: 'vllm' (structured_outputs regex), 'llama_cpp' "
+        "(GBNF grammar), 'none' (OpenAI's API: replies are only checked).", "none")
     retry_reserve: int = _help(
         "Requests of max_calls_per_epoch kept out of the samples' attempts for retries (429, 5xx, "
         "timeouts): e.g. max_retries x concurrency for a rate-limited API. When it is spent, a "

@@ -21,7 +21,8 @@ from ..answers import is_right
 from ..config import SymbolicConfig
 from ..schemas import REWRITES, system_prompt_of
 from .checks import Similarity, check_proposal, minilm_similarity
-from .rewriters import Proposal, Rewriter, Sample
+from .rewriters import Proposal, Refusal, Rewriter, Sample
+from .textgrad import REFUSALS
 
 if TYPE_CHECKING:
     from ..selection.student import Student
@@ -55,9 +56,11 @@ class _Attempt:
     reason: str = "max_iters"
     iterations: int = 0
     done: bool = False
+    refused: Refusal | None = None  # the last proposal, refused by the checks: the next one's feedback
 
     def take(self, proposal: Proposal, failure: str | None) -> bool:
-        """Record one proposal and its check; whether the student should answer it."""
+        """Record one proposal and its check; whether the student should answer it. A proposal the
+        checks refuse becomes the next iteration's feedback; a teacher's failure ends the attempt."""
         if proposal.feedback:
             self.critiques.append(proposal.feedback)
         if proposal.question is not None or proposal.failure == "no_improved_variable_tags":
@@ -66,9 +69,13 @@ class _Attempt:
             self.proposed = proposal.question
             self.counts["tagged"] += 1
         if failure:
-            # A teacher at temperature 0 would propose the same again; stop rather than retry.
-            self.reason, self.done = failure, True
+            self.reason = failure
+            if failure in REFUSALS:
+                self.refused = Refusal(proposal.question or "", failure)
+            else:  # budget spent, a teacher error, no more hints: asking again cannot help
+                self.done = True
             return False
+        self.refused = None
         self.counts["passed_checks"] += 1
         self.question = proposal.question
         return True
@@ -78,6 +85,8 @@ class _Attempt:
         if is_right(output, self.sample.final_answer):
             self.counts["student_correct_after"] += 1
             self.reason, self.done = "correct", True
+        else:
+            self.reason = "max_iters"
 
     def row(self, before: str) -> dict:
         """Its REWRITES row (without epoch and engine)."""
@@ -118,7 +127,8 @@ def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cf
     def propose(attempt: _Attempt) -> Proposal:
         with contextlib.nullcontext() if attempt.allowance is None else \
                 budget.drawing_from(attempt.allowance, release=False):
-            return rewriter.propose(attempt.sample, attempt.question, attempt.output, attempt.iterations)
+            return rewriter.propose(attempt.sample, attempt.question, attempt.output, attempt.iterations,
+                                    refused=attempt.refused)
 
     active = list(attempts)
     for iteration in range(1, cfg.max_iters + 1):

@@ -29,6 +29,14 @@ class Proposal:
     feedback: str = ""        # the teacher's critique of the student's answer ('' without a teacher)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """The previous iteration's proposal and why the checks refused it: the next iteration's
+    feedback, as TextGrad feeds a loss back."""
+    proposal: str             # the refused text ('' when the reply had no tags)
+    reason: str               # a check's reason code (`check_rewrite`) or 'no_improved_variable_tags'
+
+
 class Rewriter(Protocol):
     # Teacher calls one `propose` makes (0 without a teacher); a sample's budget reservation is this
     # times `max_iters`.
@@ -36,10 +44,12 @@ class Rewriter(Protocol):
     # Whether proposals may hold numbers the original lacks (see `check_rewrite`).
     may_add_numbers: bool
 
-    def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
+    def propose(self, sample: Sample, question: str, student_output: str, iteration: int,
+                refused: Refusal | None = None) -> Proposal:
         """A rewrite of `question` (the current version), which the student answered `student_output`.
 
-        `iteration` counts from 1 within one epoch's rewrite of `sample`.
+        `iteration` counts from 1 within one epoch's rewrite of `sample`; `refused`: the previous
+        iteration's proposal was refused by the checks, and why.
         """
         ...
 
@@ -113,7 +123,8 @@ class HintRewriter:
         calculator = bool(CALCULATOR.search(sample.solution))
         return f"{sample.original_question.rstrip()}{HINT_PREFIX}{_hint_text(steps, calculator)}"
 
-    def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
+    def propose(self, sample: Sample, question: str, student_output: str, iteration: int,
+                refused: Refusal | None = None) -> Proposal:
         available = len(revealable_steps(sample))
         if available == 0:
             return Proposal(None, "no_hints")

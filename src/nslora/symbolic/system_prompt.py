@@ -13,6 +13,7 @@ from ..config import SymbolicConfig
 from ..schemas import system_prompt_of
 from ..teacher import Teacher, TeacherError
 from .rewriters import sample_from_row
+from .grammar import TaggedReply
 from .textgrad import FORMAT_CONSTRAINT, PROMPT_CONSTRAINTS, SYSTEM_ROLE, TextGradRewriter, _teacher_failure, _textgrad, _tgd_step
 
 if TYPE_CHECKING:
@@ -77,7 +78,6 @@ def update_system_prompt(teacher: Teacher, system_prompt: str, feedback: list[st
     if not critiques:
         return system_prompt, "no_feedback"
     tgm = _textgrad()
-    engine = tgm.TeacherEngine(teacher)
     variable = tgm.Variable(system_prompt, requires_grad=True, role_description=SYSTEM_ROLE)
     # One gradient holding every critique: Variable.gradients is a set, and iterating several would
     # order them differently from run to run (a different prompt, a teacher-cache miss).
@@ -88,7 +88,7 @@ def update_system_prompt(teacher: Teacher, system_prompt: str, feedback: list[st
     keeps_format = "####" in system_prompt
     constraints = PROMPT_CONSTRAINTS + ([FORMAT_CONSTRAINT] if keeps_format else [])
     try:
-        new = _tgd_step(tgm, variable, engine, constraints)
+        new = _tgd_step(tgm, variable, tgm.TeacherEngine(teacher, grammar=TaggedReply.any_text()), constraints)
     except TeacherError as err:
         return system_prompt, _teacher_failure(err)
     if new is None:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import SymbolicConfig
 from ..teacher import BudgetExhausted, Teacher, TeacherError
-from .rewriters import Proposal, Sample
+from .grammar import TaggedReply
+from .rewriters import Proposal, Refusal, Sample
 
 if TYPE_CHECKING:
     from ..selection.student import Student
@@ -39,6 +40,29 @@ QUESTION_CONSTRAINTS = [
     "number that is not in the original question.",
     "Write only the new question, nothing else.",
 ]
+# Why a proposal was refused, told to the teacher in the next iteration's step (a check's verdict
+# as feedback, the way TextGrad feeds back a loss). Worded as what to fix, never with the answer.
+REFUSALS = {
+    "unchanged": "it repeated the question without any change: add short guidance or clarify its wording",
+    "too_short": "it was much shorter than the original: it dropped sentences of the question",
+    "too_long": "it was far longer than the original: add at most one or two short sentences",
+    "numbers_changed": "it dropped or changed numbers of the original question: keep every number",
+    "answer_leaked": "it gave away the final answer",
+    "states_an_answer": "it contained an answer line ('#### ...'): it solved the problem instead of rewriting it",
+    "numbers_added": "it contained a number the original question does not have (a new quantity or a "
+                     "computed result): use only the original's numbers, each as often as there",
+    "off_topic": "it was about something other than the original question",
+    "no_improved_variable_tags": "it was not written between <IMPROVED_VARIABLE> and </IMPROVED_VARIABLE>",
+}
+
+
+def refusal_feedback(refused: Refusal) -> str:
+    """The constraint that tells the teacher why its previous proposal was refused."""
+    why = REFUSALS.get(refused.reason, refused.reason.replace("_", " "))
+    shown = f' ("{refused.proposal.strip()}")' if refused.proposal.strip() else ""
+    return f"Your previous improved question{shown} was refused because {why}. Write one that fixes this."
+
+
 PROMPT_CONSTRAINTS = [
     "Keep it general: it is used for every question, so do not mention any specific problem or number.",
 ]
@@ -102,15 +126,17 @@ def _load_textgrad() -> Any:
     class TeacherEngine(tg.EngineLM):
         """The teacher as a TextGrad engine (no TextGrad cache: the teacher has its own)."""
 
-        def __init__(self, teacher: Teacher, name: str = "nslora-teacher"):
+        def __init__(self, teacher: Teacher, name: str = "nslora-teacher", grammar: Any = None):
             self.teacher = teacher
             self.model_string = name
+            self.grammar = grammar  # a TaggedReply for a TGD step's reply (the teacher applies it where it can)
 
         def generate(self, prompt: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
             text = prompt if isinstance(prompt, str) else "\n".join(p for p in prompt if isinstance(p, str))
             chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            constrained = {"grammar": self.grammar} if self.grammar is not None else {}
             return self.teacher.generate(chat + [{"role": "user", "content": text}],
-                                         kind=call_kind(system_prompt))
+                                         kind=call_kind(system_prompt), **constrained)
 
         # EngineLM.__call__ does nothing and returns None; every TextGrad op calls engine(...).
         def __call__(self, prompt: Any, **kwargs: Any) -> str:
@@ -202,7 +228,8 @@ class TextGradRewriter:
         self.student = student
         self.cfg = cfg
 
-    def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
+    def propose(self, sample: Sample, question: str, student_output: str, iteration: int,
+                refused: Refusal | None = None) -> Proposal:
         tgm = _textgrad()
         teacher = tgm.TeacherEngine(self.teacher)
         student = tgm.StudentEngine(self.student, self.cfg.student_max_new_tokens,
@@ -215,7 +242,10 @@ class TextGradRewriter:
             loss = tgm.tg.TextLoss(_evaluation_instruction(sample, question), engine=teacher)(answer)
             critique = loss.value
             loss.backward(teacher)
-            new_question = _tgd_step(tgm, variable, teacher, QUESTION_CONSTRAINTS)
+            # The step's reply is held to the question's grammar: tags, and the original's numbers.
+            step_engine = tgm.TeacherEngine(self.teacher, grammar=TaggedReply.for_question(sample.original_question))
+            constraints = QUESTION_CONSTRAINTS + ([refusal_feedback(refused)] if refused else [])
+            new_question = _tgd_step(tgm, variable, step_engine, constraints)
         except TeacherError as err:
             return Proposal(None, _teacher_failure(err), critique)
         if new_question is None:
@@ -248,7 +278,8 @@ class CritiqueOnly:
     def __init__(self, rewriter: TextGradRewriter):
         self.rewriter = rewriter
 
-    def propose(self, sample: Sample, question: str, student_output: str, iteration: int) -> Proposal:
+    def propose(self, sample: Sample, question: str, student_output: str, iteration: int,
+                refused: Refusal | None = None) -> Proposal:
         return self.rewriter.critique(sample, question, student_output)
 
     def revise_system_prompt(self, system_prompt: str, feedback: list[str]) -> tuple[str, str]:

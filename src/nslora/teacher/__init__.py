@@ -79,7 +79,8 @@ def make_teacher(config: TeacherConfig, cache_dir: Path, local_model_dir: Path |
     if config.engine == "openai":
         engine: Engine = OpenAIEngine(config.base_url or DEFAULT_BASE_URL, config.model,
                                       resolve_api_key(config), config.timeout,
-                                      api_key_env=config.api_key_env)
+                                      api_key_env=config.api_key_env,
+                                      structured_outputs=config.structured_outputs)
     elif config.engine == "local":
         if local_model_dir is None:
             raise ValueError("teacher.engine='local' needs local_model_dir: the HF directory "
@@ -91,7 +92,7 @@ def make_teacher(config: TeacherConfig, cache_dir: Path, local_model_dir: Path |
         raise ValueError(f"teacher.engine: unknown engine {config.engine!r} (local, openai, hint)")
     return CachedTeacher(engine, cache_dir, max_retries=config.max_retries,
                          max_calls=config.max_calls_per_epoch if max_calls is None else max_calls,
-                         retry_reserve=config.retry_reserve,
+                         retry_reserve=config.retry_reserve, grammar=config.grammar,
                          max_tokens=config.max_tokens, temperature=config.temperature,
                          max_tokens_by_kind={"critique": config.critique_max_tokens,
                                              "feedback": config.feedback_max_tokens,

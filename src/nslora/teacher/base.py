@@ -42,9 +42,10 @@ class TeacherCallError(TeacherError):
 
 class Teacher(Protocol):
     def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-                 temperature: float | None = None, kind: str = "other") -> str:
+                 temperature: float | None = None, kind: str = "other", grammar=None) -> str:
         """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]); `kind` names
-        the kind of call ('critique', 'feedback', 'rewrite', ...) in the per-call accounting."""
+        the kind of call ('critique', 'feedback', 'rewrite', ...) in the per-call accounting;
+        `grammar` (a `TaggedReply`) constrains the reply where the engine can."""
         ...
 
 
@@ -66,7 +67,9 @@ class Engine(Protocol):
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                  seed: int) -> Completion:
-        """One reply; raises `TeacherCallError` for failures (retryable or not)."""
+        """One reply; raises `TeacherCallError` for failures (retryable or not). An engine with
+        `takes_grammar = True` also takes `grammar=` (a `TaggedReply`) and keeps its reply in
+        that language."""
         ...
 
 

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .base import BudgetExhausted, Completion, Engine, TeacherCallError, TeacherError, token_count
 
@@ -112,7 +113,8 @@ class CachedTeacher:
     def __init__(self, engine: Engine, cache_dir: Path | str, *, max_retries: int = 4,
                  max_calls: int | None = None, max_tokens: int = 512, temperature: float = 0.0,
                  max_tokens_by_kind: dict[str, int] | None = None, backoff_base: float = 0.5,
-                 backoff_max: float = 30.0, max_retry_after: float = 120.0, retry_reserve: int = 0):
+                 backoff_max: float = 30.0, max_retry_after: float = 120.0, retry_reserve: int = 0,
+                 grammar: bool = True):
         """
         Args:
             engine: the model backend (`OpenAIEngine`, `LocalEngine`, or any `Engine`).
@@ -128,6 +130,8 @@ class CachedTeacher:
             backoff_max: cap of one backoff wait.
             max_retry_after: cap on a server's Retry-After, so a bogus header cannot stall a stage.
             retry_reserve: budget units `reserve` never hands out, left for retries.
+            grammar: apply the grammars callers give (`generate(grammar=...)`) where the engine
+                takes them; False ignores them (teacher.grammar).
         """
         self.engine = engine
         self.cache = ReplyCache(cache_dir)
@@ -140,6 +144,7 @@ class CachedTeacher:
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
         self.retry_reserve = retry_reserve
+        self.grammar = grammar
         self._lock = threading.Lock()
         self._inflight: dict[str, list] = {}  # key -> [lock, number of threads holding or waiting]
         self._rng = random.Random()
@@ -152,8 +157,13 @@ class CachedTeacher:
         self._call_log: list[dict] = []
         self._seq: Counter = Counter()
 
+    @property
+    def takes_grammar(self) -> bool:
+        """Whether the engine constrains replies by a grammar (`generate(grammar=...)`)."""
+        return self.grammar and bool(getattr(self.engine, "takes_grammar", False))
+
     def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-                 temperature: float | None = None, kind: str = "other") -> str:
+                 temperature: float | None = None, kind: str = "other", grammar: Any = None) -> str:
         """The assistant's reply to `messages`, from the cache or the engine.
 
         Args:
@@ -162,6 +172,9 @@ class CachedTeacher:
             temperature: sampling temperature (default: the teacher's). Replies at temperature > 0
                 are cached too, so a rerun sees the same reply.
             kind: the kind of call, recorded with its token counts in `call_log`.
+            grammar: the language the reply must be in (`nslora.symbolic.grammar.TaggedReply`),
+                applied where the engine `takes_grammar` and ignored elsewhere (the caller checks
+                the reply either way); part of the cache key when applied.
 
         Returns:
             The reply text.
@@ -179,6 +192,12 @@ class CachedTeacher:
         temperature = self.temperature if temperature is None else float(temperature)
         request = {"engine": self.engine.kind, "model": self.engine.model, "messages": messages,
                    "max_tokens": max_tokens, "temperature": float(temperature)}
+        if grammar is not None and not self.takes_grammar:
+            grammar = None
+        if grammar is not None:
+            request["grammar"] = grammar.regex()
+            with self._lock:
+                self._counts["constrained"] += 1
         endpoint = getattr(self.engine, "endpoint", None)
         if endpoint:
             # Another server answering to the same model name (a test server, a different
@@ -197,7 +216,7 @@ class CachedTeacher:
             # The seed comes from the request, so sampling engines give the same reply on a rerun.
             completion, seconds, requests = self._call(messages, max_tokens, temperature,
                                                        seed=int(key[:8], 16),
-                                                       funded=allowance is not None)
+                                                       funded=allowance is not None, grammar=grammar)
             self.cache.put(key, request, completion, seconds)
             self._record(kind, completion, requests, seconds, cached=False)
             return completion.text
@@ -241,7 +260,8 @@ class CachedTeacher:
             calls (generate calls that reached the engine), requests (what reached the engine,
             retries included; the budget's unit), cache_hits, retries (extra attempts), failures
             (calls that raised TeacherError after reaching the engine), budget_exhausted (calls
-            refused by the budget), prompt_tokens, completion_tokens (of engine replies), seconds
+            refused by the budget), constrained (generate calls whose reply was held to a grammar,
+            cached or not), prompt_tokens, completion_tokens (of engine replies), seconds
             (engine wall time summed over threads), failures_by_reason (keyed by the reason of
             their last attempt), retries_by_reason, and by_kind: calls, cache hits and tokens per
             kind of call.
@@ -249,7 +269,7 @@ class CachedTeacher:
         with self._lock:
             stats = {name: self._counts[name] for name in
                      ("calls", "requests", "cache_hits", "retries", "failures", "budget_exhausted",
-                      "prompt_tokens", "completion_tokens")}
+                      "constrained", "prompt_tokens", "completion_tokens")}
             stats["seconds"] = round(self._seconds, 3)
             stats["failures_by_reason"] = dict(self._failures_by_reason)
             stats["retries_by_reason"] = dict(self._retries_by_reason)
@@ -338,13 +358,15 @@ class CachedTeacher:
             self._counts["requests"] += 1
 
     def _call(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-              seed: int, funded: bool = False) -> tuple[Completion, float, int]:
+              seed: int, funded: bool = False, grammar: Any = None) -> tuple[Completion, float, int]:
+        # Engines without grammars keep the four-argument `complete` of the Engine protocol.
+        constrained = {"grammar": grammar} if grammar is not None else {}
         attempt = 0
         while True:
             self._take_request(funded and attempt == 0)
             start = time.monotonic()
             try:
-                completion = self.engine.complete(messages, max_tokens, temperature, seed)
+                completion = self.engine.complete(messages, max_tokens, temperature, seed, **constrained)
             except TeacherCallError as err:
                 with self._lock:
                     self._seconds += time.monotonic() - start

@@ -76,12 +76,57 @@ def use_int8_decode(model: torch.nn.Module, max_rows: int = 16) -> None:
                 setattr(parent, name, Int8DecodeLinear(child, max_rows))
 
 
+class GrammarLogits:
+    """A logits processor keeping each row of a generated batch in its own grammar (llguidance:
+    the regex of a `TaggedReply`, matched token by token); rows without one are left free.
+
+    Each step it advances every row's matcher by the token the row just took, then masks the
+    tokens that would leave the grammar. A row whose matcher has finished may only stop; one that
+    has emitted a stop token is done (generate pads it from then on)."""
+
+    def __init__(self, ll_tokenizer, grammars: list, prompt_width: int, stop_ids: list[int]):
+        import llguidance
+
+        self.matchers = [None if g is None else llguidance.LLMatcher(
+            ll_tokenizer, llguidance.grammar_from("regex", g.regex())) for g in grammars]
+        self.vocab = ll_tokenizer.vocab_size
+        self.width = prompt_width
+        self.stop_ids = set(stop_ids)
+        self.done = [m is None for m in self.matchers]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import llguidance.torch as llt
+
+        rows = [i for i, done in enumerate(self.done) if not done]
+        if not rows:
+            return scores
+        generated = input_ids.shape[1] > self.width
+        bitmask = llt.allocate_token_bitmask(len(self.matchers), self.vocab)
+        bitmask.fill_(-1)  # every token allowed
+        for i in rows:
+            matcher = self.matchers[i]
+            if generated:
+                token = int(input_ids[i, -1])
+                if token in self.stop_ids:
+                    self.done[i] = True
+                    continue
+                matcher.consume_token(token)
+            if matcher.is_error():  # cannot happen under the mask; the checks judge the reply then
+                self.done[i] = True
+                continue
+            llt.fill_next_token_bitmask(matcher, bitmask, i)
+        llt.apply_token_bitmask_inplace(scores[:, :self.vocab], bitmask.to(scores.device))
+        return scores
+
+
 @dataclass
 class _Pending:
-    """One call waiting for a batch: its prompt tokens, its reply limit, and where the result goes."""
+    """One call waiting for a batch: its prompt tokens, its reply limit, its grammar (or None), and
+    where the result goes."""
 
     ids: list[int]
     max_tokens: int
+    grammar: object = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Completion | None = None
     error: BaseException | None = None
@@ -103,6 +148,7 @@ class LocalEngine:
     """
 
     kind = "local"
+    takes_grammar = True  # llguidance, token by token (`GrammarLogits`)
 
     def __init__(self, model_dir: Path | str, precision: str = "auto", *, name: str | None = None,
                  device: str | torch.device | None = None, max_batch: int = 8,
@@ -157,6 +203,7 @@ class LocalEngine:
         self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._ll_tokenizer = None  # llguidance's view of the vocabulary, built at the first grammar
 
     def __repr__(self) -> str:
         return (f"LocalEngine({self.model!r}, dtype={self.dtype}, device={self.device}, "
@@ -170,8 +217,9 @@ class LocalEngine:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-                 seed: int = 0) -> Completion:
-        """One reply, stopping at EOS / end-of-turn or after `max_tokens` new tokens.
+                 seed: int = 0, grammar=None) -> Completion:
+        """One reply, stopping at EOS / end-of-turn or after `max_tokens` new tokens; with a
+        `grammar` (a `TaggedReply`), only tokens that keep the reply in its language are chosen.
 
         Returns:
             The reply (special tokens removed, whitespace kept as a server would) and exact token
@@ -179,8 +227,8 @@ class LocalEngine:
         """
         ids = self.tokenizer(self.prompt(messages), add_special_tokens=False)["input_ids"]
         if temperature > 0:
-            return self._sample(ids, max_tokens, temperature, seed)
-        pending = _Pending(ids, max_tokens)
+            return self._sample(ids, max_tokens, temperature, seed, grammar)
+        pending = _Pending(ids, max_tokens, grammar)
         with self._wake:
             if self._closed:
                 raise TeacherCallError("closed", f"{self!r} was closed", retryable=False)
@@ -246,7 +294,8 @@ class LocalEngine:
 
         options = {"max_new_tokens": int(limits.max()), "eos_token_id": self.stop_ids,
                    "pad_token_id": pad, "do_sample": False, "temperature": None, "top_p": None,
-                   "top_k": None, "stopping_criteria": StoppingCriteriaList([EachOwnLimit()])}
+                   "top_k": None, "stopping_criteria": StoppingCriteriaList([EachOwnLimit()]),
+                   **self._grammar_options([p.grammar for p in batch], width)}
         with self._generate_lock, torch.no_grad():
             self.batch_sizes.append(len(batch))
             if self.prefix_tokens and width > 1:
@@ -313,7 +362,25 @@ class LocalEngine:
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Completion(text, prompt_tokens, len(new))
 
-    def _sample(self, ids: list[int], max_tokens: int, temperature: float, seed: int) -> Completion:
+    def _grammar_options(self, grammars: list, width: int) -> dict:
+        """generate's `logits_processor` for the rows that have a grammar (none: no options)."""
+        if all(g is None for g in grammars):
+            return {}
+        from transformers import LogitsProcessorList
+
+        if self._ll_tokenizer is None:
+            try:
+                import llguidance.hf
+            except ImportError as err:
+                raise TeacherCallError("grammar", "teacher.grammar needs llguidance (pip install llguidance), "
+                                       "or set teacher.grammar: false", retryable=False) from err
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.lm.config.vocab_size,
+                                                              eos_token=self.stop_ids)
+        return {"logits_processor": LogitsProcessorList([GrammarLogits(self._ll_tokenizer, grammars, width,
+                                                                       self.stop_ids)])}
+
+    def _sample(self, ids: list[int], max_tokens: int, temperature: float, seed: int,
+                grammar=None) -> Completion:
         input_ids = torch.tensor([ids], device=self.device)
         cuda = [self.device] if self.device.type == "cuda" else []
         # fork_rng: seed this call without disturbing the caller's random state.
@@ -322,5 +389,5 @@ class LocalEngine:
             output = self.lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       max_new_tokens=max_tokens, eos_token_id=self.stop_ids,
                                       pad_token_id=self.tokenizer.pad_token_id, do_sample=True,
-                                      temperature=temperature)
+                                      temperature=temperature, **self._grammar_options([grammar], len(ids)))
         return self._completion(len(ids), output[0, len(ids):].tolist())

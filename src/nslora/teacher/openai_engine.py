@@ -65,6 +65,14 @@ def retry_after_seconds(headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+# The request field each kind of server reads a reply grammar from.
+GRAMMAR_FIELDS = {
+    "none": None,
+    "vllm": lambda grammar: {"structured_outputs": {"regex": grammar.regex()}},
+    "llama_cpp": lambda grammar: {"grammar": grammar.gbnf()},
+}
+
+
 class OpenAIEngine:
     """Any OpenAI-compatible /chat/completions server (OpenAI, vLLM, Ollama, transformers serve).
 
@@ -74,7 +82,7 @@ class OpenAIEngine:
     kind = "openai"
 
     def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, *,
-                 api_key_env: str = "OPENAI_API_KEY"):
+                 api_key_env: str = "OPENAI_API_KEY", structured_outputs: str = "none"):
         """
         Args:
             base_url: the server's base URL, ending in /v1.
@@ -82,7 +90,15 @@ class OpenAIEngine:
             api_key: the key itself (kept in memory only; never logged or written).
             timeout: seconds before one call is abandoned.
             api_key_env: the variable the key came from, named in error messages.
+            structured_outputs: how the server takes a grammar for the reply: 'vllm' (its
+                `structured_outputs: {regex}` request field), 'llama_cpp' (a GBNF `grammar`), or
+                'none' (OpenAI's own API takes JSON schemas only: replies are then only checked).
         """
+        if structured_outputs not in GRAMMAR_FIELDS:
+            raise ValueError(f"teacher.structured_outputs: unknown {structured_outputs!r} "
+                             f"({', '.join(GRAMMAR_FIELDS)})")
+        self.structured_outputs = structured_outputs
+        self.takes_grammar = structured_outputs != "none"
         import openai
 
         self.model = model
@@ -102,7 +118,7 @@ class OpenAIEngine:
         self._client.close()
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-                 seed: int = 0) -> Completion:
+                 seed: int = 0, grammar=None) -> Completion:
         """One chat completion.
 
         Args:
@@ -110,6 +126,7 @@ class OpenAIEngine:
             max_tokens: reply length limit.
             temperature: sampling temperature.
             seed: unused: servers differ in whether they accept one; the cache makes reruns repeat.
+            grammar: a `TaggedReply`, sent in the server's field (`structured_outputs`).
 
         Returns:
             The reply and the server's token counts (0 where it reports no usage).
@@ -124,7 +141,9 @@ class OpenAIEngine:
             # The raw response: its body is parsed here, so a malformed reply is classified rather
             # than turning into a half-built object or a bare string.
             raw = self._client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                **({"extra_body": GRAMMAR_FIELDS[self.structured_outputs](grammar)}
+                   if grammar is not None and self.takes_grammar else {}))
         except openai.APITimeoutError:
             raise TeacherCallError("timeout", f"no reply from {self._url} within {self.timeout}s "
                                    "(teacher.timeout)", retryable=True) from None
