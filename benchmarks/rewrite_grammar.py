@@ -75,6 +75,7 @@ def run_side(engine, grammar: bool, params, samples, student, max_iters: int, co
                            "solution": s.solution, "final_answer": s.final_answer,
                            "system_prompt": s.system_prompt} for s, _ in samples])
     selected = pd.DataFrame({"id": train["id"], "student_output": [out for _, out in samples], "correct": False})
+    engine.forget_prefixes()  # no side starts from prompt prefixes the other one cached
     start = time.perf_counter()
     result = rewrite_epoch(train, selected, TextGradRewriter(teacher, student, cfg), student, 1, cfg,
                            concurrency, "benchmark", progress=False)

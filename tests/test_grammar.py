@@ -163,3 +163,32 @@ def test_a_refused_proposal_is_the_next_iterations_feedback(student):
     once = rewrite_epoch(train, selected, TextGradRewriter(FixesWhenTold(), student, CFG), student, 1,
                          dataclasses.replace(CFG, max_iters=1), 1, "scripted", progress=False)
     assert once.log.iloc[0].reason == "numbers_added" and not once.log.iloc[0].accepted
+
+
+class SolvesTo:
+    """A teacher whose TGD step keeps the question and adds guidance, and who solves any question
+    to `answer` (the answer-invariance verifier's call)."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+        self.kinds: list[str] = []
+
+    def generate(self, messages, *, max_tokens=None, temperature=None, kind=None, grammar=None):
+        self.kinds.append(kind)
+        if kind == "verify":
+            return f"Adding up the legs. #### {self.answer}"
+        return textgrad_teacher_reply({"messages": messages})
+
+
+@pytest.mark.parametrize("answer, accepted", [("18", True), ("17", False)])
+def test_the_verifier_keeps_a_rewrite_only_if_its_answer_is_the_gold_one(student, answer, accepted):
+    train = make_examples(3)  # sample 2: 3 chickens and 3 dogs, 18 legs
+    cfg = dataclasses.replace(CFG, max_iters=1, verify_answer=True)
+    teacher = SolvesTo(answer)
+    rewriter = TextGradRewriter(teacher, student, cfg)
+    assert rewriter.calls_per_iteration == 5  # its call is funded with the others
+    result = rewrite_epoch(train, train.iloc[[2]].assign(student_output="#### 5", correct=False), rewriter,
+                           student, 1, cfg, 1, "scripted", progress=False)
+    assert teacher.kinds.count("verify") == 1
+    assert bool(result.log.iloc[0].accepted) == accepted
+    assert result.log.iloc[0].reason == ("max_iters" if accepted else "answer_changed")

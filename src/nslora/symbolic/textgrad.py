@@ -12,6 +12,7 @@ import threading
 import types
 from typing import TYPE_CHECKING, Any
 
+from ..answers import is_right
 from ..config import SymbolicConfig
 from ..teacher import BudgetExhausted, Teacher, TeacherError
 from .grammar import TaggedReply
@@ -52,6 +53,7 @@ REFUSALS = {
     "numbers_added": "it contained a number the original question does not have (a new quantity or a "
                      "computed result): use only the original's numbers, each as often as there",
     "off_topic": "it was about something other than the original question",
+    "answer_changed": "solved as written, it no longer had the original question's answer: it changed the problem",
     "no_improved_variable_tags": "it was not written between <IMPROVED_VARIABLE> and </IMPROVED_VARIABLE>",
 }
 
@@ -63,6 +65,8 @@ def refusal_feedback(refused: Refusal) -> str:
     return f"Your previous improved question{shown} was refused because {why}. Write one that fixes this."
 
 
+SOLVER_PROMPT = ("Solve the problem step by step and end your answer with '#### ' followed by the "
+                 "final answer.")
 PROMPT_CONSTRAINTS = [
     "Keep it general: it is used for every question, so do not mention any specific problem or number.",
 ]
@@ -219,14 +223,25 @@ class TextGradRewriter:
         cfg: `student_max_new_tokens`.
     """
 
-    # The loss, its backward to the answer, the answer's backward to the question, the TGD step.
-    calls_per_iteration = 4
     may_add_numbers = False
 
     def __init__(self, teacher: Teacher, student: Student, cfg: SymbolicConfig):
         self.teacher = teacher
         self.student = student
         self.cfg = cfg
+        # The loss, its backward to the answer, the answer's backward to the question, the TGD
+        # step; and the teacher solving the rewrite with `verify_answer`.
+        self.calls_per_iteration = 4 + int(cfg.verify_answer)
+
+    def verify(self, sample: Sample, question: str) -> str | None:
+        """The teacher solves `question`; None when its final answer is the gold one, else
+        'answer_changed' (or why the call failed)."""
+        try:
+            reply = self.teacher.generate([{"role": "system", "content": SOLVER_PROMPT},
+                                           {"role": "user", "content": question}], kind="verify")
+        except TeacherError as err:
+            return _teacher_failure(err)
+        return None if is_right(reply, sample.final_answer) else "answer_changed"
 
     def propose(self, sample: Sample, question: str, student_output: str, iteration: int,
                 refused: Refusal | None = None) -> Proposal:

@@ -244,6 +244,11 @@ class LocalEngine:
         assert pending.result is not None
         return pending.result
 
+    def forget_prefixes(self) -> None:
+        """Drop the cached prompt prefixes (a benchmark's sides then start alike)."""
+        with self._generate_lock:
+            self._prefixes.clear()
+
     def close(self) -> None:
         """Stop the batching thread (calls already queued are answered first)."""
         with self._wake:
