@@ -62,6 +62,8 @@ def question_sets(names: list[str], n: int, gsm8k: Path):
 
 def run_side(engine, grammar: bool, params, samples, student, max_iters: int, concurrency: int,
              cache: Path) -> dict:
+    import pandas as pd
+
     from nslora.symbolic import TextGradRewriter, rewrite_epoch
     from nslora.teacher import CachedTeacher
 
@@ -69,8 +71,6 @@ def run_side(engine, grammar: bool, params, samples, student, max_iters: int, co
     teacher = CachedTeacher(engine, cache, max_tokens=t.max_tokens, grammar=grammar, max_tokens_by_kind={
         "critique": t.critique_max_tokens, "feedback": t.feedback_max_tokens, "rewrite": t.rewrite_max_tokens})
     cfg = dataclasses.replace(params.symbolic, max_iters=max_iters, similarity_threshold=None)
-    import pandas as pd
-
     train = pd.DataFrame([{"id": s.id, "question": s.question, "original_question": s.original_question,
                            "solution": s.solution, "final_answer": s.final_answer,
                            "system_prompt": s.system_prompt} for s, _ in samples])

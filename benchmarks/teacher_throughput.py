@@ -33,17 +33,17 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from openai_server import local_server  # noqa: E402  (starts and stops vllm serve)
 
 
 def wrong_questions(params, n: int, base_dir: Path) -> list[tuple]:
@@ -94,33 +94,14 @@ def run_side(name: str, engine, caps: dict | None, samples: list[tuple], student
 @contextlib.contextmanager
 def vllm_server(python: str, model_dir: Path, name: str, log_path: Path):
     """`vllm serve` on a free local port for the block; yields (base URL, start-up seconds)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu"),
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", "{port}",
            "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager"]
     start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.perf_counter() - start > 900:
-                    raise RuntimeError(f"vllm serve did not start; its log: {log_path}")
-                time.sleep(1)
+    with local_server(cmd, env, log_path, startup_seconds=900) as port:
         yield f"http://127.0.0.1:{port}/v1", time.perf_counter() - start
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main() -> None:

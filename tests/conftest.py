@@ -1,13 +1,8 @@
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent))
 
+from openai_server import local_server  # noqa: E402
 from tiny import build_tiny_model  # noqa: E402
 
 
@@ -55,12 +51,6 @@ def student(tiny_model_dir):
     return Student(tiny_model_dir, None, precision="fp32", attention="eager")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def transformers_serve(tiny_model_dir):
     """`transformers serve` on the tiny model, offline; yields its base URL."""
@@ -77,30 +67,3 @@ def transformers_serve(tiny_model_dir):
     with local_server(command, env, tiny_model_dir.parent / "serve.log", startup_seconds=90) as port:
         yield f"http://127.0.0.1:{port}/v1"
 
-
-@contextlib.contextmanager
-def local_server(command: list[str], env: dict, log_path: Path, startup_seconds: float):
-    """Run `command` (its '{port}' replaced by a free port) until its /health answers; yields the
-    port, and stops the server after the block. Fails the test with the log's tail if it dies or
-    does not answer within `startup_seconds`."""
-    port = _free_port()
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([part.replace("{port}", str(port)) for part in command],
-                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{command[0]} did not start:\n{log_path.read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()

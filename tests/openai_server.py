@@ -1,7 +1,8 @@
 """A small, real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks (stdlib only).
 
 Serves POST /v1/chat/completions and GET /v1/models with deterministic replies, an optional fixed
-latency, fault injection for the next N requests, and request counters:
+latency, fault injection for the next N requests, and request counters (and `local_server`, which
+runs another server process, such as vllm serve, for a block):
 
     with OpenAIServer(reply=lambda request: "42", latency=0.2) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x")
@@ -22,15 +23,19 @@ Run by hand (Ctrl-C stops it):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
+import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 Reply = Callable[[dict], str] | list[str] | str | None
 MALFORMED_KINDS = ("not_json", "no_choices", "empty_content", "bad_usage")
@@ -272,6 +277,41 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         if self.server.app.verbose:
             super().log_message(format, *args)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(command: list[str], env: dict, log_path: Path, startup_seconds: float):
+    """Run another server process, `command` with '{port}' replaced by a free port, until its
+    /health answers (vllm serve, transformers serve); yields the port, and stops the server after
+    the block. Raises RuntimeError with the log's tail if it dies or does not answer within
+    `startup_seconds`."""
+    port = free_port()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([part.replace("{port}", str(port)) for part in command],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + startup_seconds
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[0]} did not start:\n{log_path.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, local_server, make_examples
+from conftest import ROOT, make_examples
+from openai_server import local_server
 from nslora.config import EvalConfig, LoraParams, ParamsError, TrainConfig, parse_params
 from nslora.evaluation.harness import evaluate
 from nslora.evaluation.vllm_backend import VllmBackendError, lora_rank, vllm_model_args

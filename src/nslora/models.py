@@ -305,12 +305,15 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype for `model.precision` on `device`. 'auto': bf16 where it is fast; on a
     CUDA GPU without bf16 (V100, T4: emulated, slower than fp32) fp16, whose training the trainer
     guards with a loss scaler; float32 on other CPUs."""
-    if precision in ("fp32", "bf16", "fp16"):
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if precision in PRECISIONS:
+        return PRECISIONS[precision]
     if bf16_supported(device):
         return torch.bfloat16
     return torch.float16 if device.type == "cuda" else torch.float32

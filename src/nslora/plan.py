@@ -91,19 +91,17 @@ def training_memory(model_dir: Path | str, model: ModelConfig, lora: LoraParams,
                     processes: int = 1, device: torch.device | None = None) -> MemoryEstimate:
     """The memory one of `processes` data-parallel training processes needs for `model_dir` (a
     local HF directory, or a hub id whose config.json is reachable or in the HF cache)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from .models import resolve_dtype
-    from .numerical.training import model_skeleton
+    from .models import compute_device, resolve_dtype
+    from .numerical.training import model_skeleton, peft_config
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or compute_device()
     dtype = resolve_dtype(model.precision, device)
     element = torch.finfo(dtype).bits // 8
     skeleton = model_skeleton(model_dir, dtype=dtype)
     config = skeleton.config
-    peft_model = get_peft_model(skeleton, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(skeleton, peft_config(lora))
     lora_parameters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     base_weights = base_parameters = 0
     # Count each tensor once: tied embeddings share one.

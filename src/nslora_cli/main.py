@@ -131,9 +131,9 @@ def plan(params_path: str, device: str | None) -> None:
         # An embedded model's config is in its GGUF: materialise it once, as `dvc repro` would.
         model_dir = materialized(model.name) if model.name.startswith("embedded:") else model.name
         estimate = training_memory(model_dir, model, loaded.lora, loaded.train, processes, target)
+    except ModelSourceError as err:
+        raise click.ClickException(str(err)) from err
     except (OSError, ValueError) as err:
-        if isinstance(err, ModelSourceError):
-            raise click.ClickException(str(err)) from err
         raise click.ClickException(
             f"model.name={model.name!r}: cannot read its config.json ({str(err).splitlines()[0][:200]}). "
             "Run where the hub is reachable or the model is in the HF cache, or point model.name at a "

@@ -257,24 +257,28 @@ def read_meta(adapter_dir: Path | str) -> dict:
     return json.loads(path.read_text())
 
 
+def peft_config(lora: LoraParams, adapter: str = "lora"):
+    """peft's config of a fresh adapter: 'lora', or 'prefix' for the prefix-tuning baseline."""
+    from peft import LoraConfig, PrefixTuningConfig
+
+    if adapter == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=lora.prefix_tokens, task_type="CAUSAL_LM")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
 def init_adapter(base_dir: Path | str, train_df: pd.DataFrame, lora: LoraParams,
                  train: TrainConfig, out_dir: Path | str, adapter: str = "lora") -> Path:
     """Epoch 0: a freshly initialised adapter ('lora', or 'prefix' for the prefix-tuning
     baseline), its batch plan and starting RNG state."""
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    from peft import get_peft_model
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     seed_everything(train.seed)
     tokenizer = load_tokenizer(base_dir)
     # A fresh adapter needs the base model's shapes, not its weights (32 GB for an 8B model in
     # float32); float32 placeholders give the same adapter, bit for bit, as the loaded model did.
-    model = model_skeleton(base_dir)
-    if adapter == "prefix":
-        peft_config = PrefixTuningConfig(num_virtual_tokens=lora.prefix_tokens, task_type="CAUSAL_LM")
-    else:
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model_skeleton(base_dir), peft_config(lora, adapter))
     samples = encode_all(tokenizer, train_df, train.max_length)
     batches = compose_batches({i: len(s.input_ids) for i, s in samples.items()},
                               train.batch_size, train.seed, train.group_by_length)

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import prompts
-from ..models import base_load_kwargs, compute_device, load_tokenizer, resolve_attention, resolve_dtype, speed_up_generation, stop_token_ids
+from ..models import (base_load_kwargs, compute_device, load_tokenizer, resolve_attention, resolve_dtype,
+                      speed_up_generation, stop_token_ids)
 
 
 class Student:

@@ -7,7 +7,6 @@ call is reserved before any sample is funded)."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -48,8 +47,9 @@ class _Attempt:
     """One sample's rewrite in progress: the question and answer so far, and how it ended."""
     sample: Sample
     allowance: Any                 # its reserved teacher calls (None: no budget)
-    question: str
-    output: str
+    before: str                    # the student's answer to the question as selected
+    question: str = field(init=False)
+    output: str = field(init=False)
     proposed: str = ""
     critiques: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
@@ -57,6 +57,9 @@ class _Attempt:
     iterations: int = 0
     done: bool = False
     refused: Refusal | None = None  # the last proposal, refused by the checks: the next one's feedback
+
+    def __post_init__(self) -> None:
+        self.question, self.output = self.sample.question, self.before
 
     def take(self, proposal: Proposal, failure: str | None) -> bool:
         """Record one proposal and its check; whether the student should answer it. A proposal the
@@ -88,7 +91,7 @@ class _Attempt:
         else:
             self.reason = "max_iters"
 
-    def row(self, before: str) -> dict:
+    def row(self) -> dict:
         """Its REWRITES row (without epoch and engine)."""
         sample = self.sample
         return {
@@ -96,7 +99,7 @@ class _Attempt:
             "question_before": sample.question, "proposed_question": self.proposed,
             "question_after": self.question, "accepted": self.question != sample.question,
             "reason": self.reason, "feedback": FEEDBACK_SEPARATOR.join(self.critiques),
-            "student_output_before": before, "student_output_after": self.output,
+            "student_output_before": self.before, "student_output_after": self.output,
             "correct_after": is_right(self.output, sample.final_answer),
         }
 
@@ -115,8 +118,7 @@ def _answer_all(student: Student, attempts: list[_Attempt], max_new_tokens: int)
 
 
 def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cfg: SymbolicConfig,
-              similarity: Similarity | None, pool: ThreadPoolExecutor, budget: Budget | None,
-              stop: threading.Event) -> None:
+              similarity: Similarity | None, pool: ThreadPoolExecutor, budget: Budget | None) -> None:
     """Propose, check and re-ask until each sample's student is right or `max_iters`, the samples
     of one wave in lockstep: every iteration's proposals are made in parallel on `pool`, then the
     student answers all that passed the checks in one batch, in id order. The batch is fixed by
@@ -140,10 +142,6 @@ def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cf
 
     active = list(attempts)
     for iteration in range(1, cfg.max_iters + 1):
-        if stop.is_set():
-            for attempt in active:
-                attempt.reason, attempt.done = "stopped", True
-            return
         for attempt in active:
             attempt.iterations = iteration
         passing = [attempt for attempt, (proposal, failure) in zip(active, pool.map(propose, active))
@@ -151,8 +149,6 @@ def _run_wave(attempts: list[_Attempt], rewriter: Rewriter, student: Student, cf
         for attempt, output in zip(passing, _answer_all(student, passing, cfg.student_max_new_tokens)):
             attempt.answered(output)
         active = [attempt for attempt in active if not attempt.done]
-        if not active:
-            return
 
 
 def _candidates(train: pd.DataFrame, selected: pd.DataFrame) -> tuple[list[Sample], dict[str, str]]:
@@ -190,8 +186,7 @@ class Budget(Protocol):
 
 def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewriter, student: Student,
                  cfg: SymbolicConfig, similarity: Similarity | None, concurrency: int,
-                 budget: Budget | None, stop: threading.Event,
-                 progress: bool) -> tuple[list[tuple[dict, Counter]], int]:
+                 budget: Budget | None, progress: bool) -> tuple[list[tuple[dict, Counter]], int]:
     """Rewrite `samples`, the teacher's calls on `concurrency` threads.
 
     With a budget, each sample is funded with a whole attempt (`calls_per_iteration * max_iters`
@@ -220,18 +215,15 @@ def _run_samples(samples: list[Sample], outputs: dict[str, str], rewriter: Rewri
                     wave.append((todo.pop(0), allowance))
                 if not wave:
                     break
-            attempts = [_Attempt(sample, allowance, sample.question, outputs[sample.id])
-                        for sample, allowance in wave]
+            attempts = [_Attempt(sample, allowance, outputs[sample.id]) for sample, allowance in wave]
             try:
-                _run_wave(attempts, rewriter, student, cfg, similarity, pool, budget, stop)
-            except BaseException:
-                stop.set()
-                raise
+                # A failure propagates from here; pool.map cancels the proposals not yet started.
+                _run_wave(attempts, rewriter, student, cfg, similarity, pool, budget)
             finally:
                 for attempt in attempts:
                     if attempt.allowance is not None:
                         budget.release(attempt.allowance)
-            results += [(attempt.row(outputs[attempt.sample.id]), attempt.counts) for attempt in attempts]
+            results += [(attempt.row(), attempt.counts) for attempt in attempts]
             bar.update(len(attempts))
     return sorted(results, key=lambda r: r[0]["id"]), len(todo)
 
@@ -297,12 +289,11 @@ def rewrite_epoch(train: pd.DataFrame, selected: pd.DataFrame, rewriter: Rewrite
     if similarity is None and cfg.similarity_threshold is not None:
         similarity = minilm_similarity()
     samples, outputs = _candidates(train, selected)
-    stop = threading.Event()
     prompt_allowance = None
     if budget is not None and cfg.update_system_prompt and samples:
         prompt_allowance = budget.reserve(PROMPT_STEP_CALLS, label="")
     results, unfunded = _run_samples(samples, outputs, rewriter, student, cfg, similarity, concurrency,
-                                     budget, stop, progress)
+                                     budget, progress)
     rows = [row for row, _ in results]
     proposals = sum((counts for _, counts in results), Counter())
     log_df = pd.DataFrame(rows, columns=[n for n in REWRITES.names if n not in ("epoch", "engine")])

@@ -12,8 +12,8 @@ from ..answers import is_right, squash_spaces
 from ..config import SymbolicConfig
 from ..schemas import system_prompt_of
 from ..teacher import Teacher, TeacherError
-from .rewriters import sample_from_row
 from .grammar import TaggedReply
+from .rewriters import sample_from_row
 from .textgrad import FORMAT_CONSTRAINT, PROMPT_CONSTRAINTS, SYSTEM_ROLE, TextGradRewriter, _teacher_failure, _textgrad, _tgd_step
 
 if TYPE_CHECKING:

@@ -138,9 +138,8 @@ def _load_textgrad() -> Any:
         def generate(self, prompt: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
             text = prompt if isinstance(prompt, str) else "\n".join(p for p in prompt if isinstance(p, str))
             chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            constrained = {"grammar": self.grammar} if self.grammar is not None else {}
             return self.teacher.generate(chat + [{"role": "user", "content": text}],
-                                         kind=call_kind(system_prompt), **constrained)
+                                         kind=call_kind(system_prompt), grammar=self.grammar)
 
         # EngineLM.__call__ does nothing and returns None; every TextGrad op calls engine(...).
         def __call__(self, prompt: Any, **kwargs: Any) -> str:

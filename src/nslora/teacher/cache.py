@@ -192,12 +192,12 @@ class CachedTeacher:
         temperature = self.temperature if temperature is None else float(temperature)
         request = {"engine": self.engine.kind, "model": self.engine.model, "messages": messages,
                    "max_tokens": max_tokens, "temperature": float(temperature)}
-        if grammar is not None and not self.takes_grammar:
-            grammar = None
-        if grammar is not None:
+        if grammar is not None and self.takes_grammar:
             request["grammar"] = grammar.regex()
             with self._lock:
                 self._counts["constrained"] += 1
+        else:
+            grammar = None
         endpoint = getattr(self.engine, "endpoint", None)
         if endpoint:
             # Another server answering to the same model name (a test server, a different

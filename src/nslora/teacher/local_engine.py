@@ -86,10 +86,12 @@ class GrammarLogits:
 
     def __init__(self, ll_tokenizer, grammars: list, prompt_width: int, stop_ids: list[int]):
         import llguidance
+        import llguidance.torch as llt
 
         self.matchers = [None if g is None else llguidance.LLMatcher(
             ll_tokenizer, llguidance.grammar_from("regex", g.regex())) for g in grammars]
         self.vocab = ll_tokenizer.vocab_size
+        self.bitmask = llt.allocate_token_bitmask(len(self.matchers), self.vocab)  # refilled every step
         self.width = prompt_width
         self.stop_ids = set(stop_ids)
         self.done = [m is None for m in self.matchers]
@@ -101,8 +103,7 @@ class GrammarLogits:
         if not rows:
             return scores
         generated = input_ids.shape[1] > self.width
-        bitmask = llt.allocate_token_bitmask(len(self.matchers), self.vocab)
-        bitmask.fill_(-1)  # every token allowed
+        bitmask = self.bitmask.fill_(-1)  # every token allowed
         for i in rows:
             matcher = self.matchers[i]
             if generated:

@@ -67,7 +67,6 @@ def retry_after_seconds(headers) -> float | None:
 
 # The request field each kind of server reads a reply grammar from.
 GRAMMAR_FIELDS = {
-    "none": None,
     "vllm": lambda grammar: {"structured_outputs": {"regex": grammar.regex()}},
     "llama_cpp": lambda grammar: {"grammar": grammar.gbnf()},
 }
@@ -94,11 +93,11 @@ class OpenAIEngine:
                 `structured_outputs: {regex}` request field), 'llama_cpp' (a GBNF `grammar`), or
                 'none' (OpenAI's own API takes JSON schemas only: replies are then only checked).
         """
-        if structured_outputs not in GRAMMAR_FIELDS:
+        if structured_outputs != "none" and structured_outputs not in GRAMMAR_FIELDS:
             raise ValueError(f"teacher.structured_outputs: unknown {structured_outputs!r} "
-                             f"({', '.join(GRAMMAR_FIELDS)})")
-        self.structured_outputs = structured_outputs
-        self.takes_grammar = structured_outputs != "none"
+                             f"(none, {', '.join(GRAMMAR_FIELDS)})")
+        self._grammar_field = GRAMMAR_FIELDS.get(structured_outputs)
+        self.takes_grammar = self._grammar_field is not None
         import openai
 
         self.model = model
@@ -142,7 +141,7 @@ class OpenAIEngine:
             # than turning into a half-built object or a bare string.
             raw = self._client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                **({"extra_body": GRAMMAR_FIELDS[self.structured_outputs](grammar)}
+                **({"extra_body": self._grammar_field(grammar)}
                    if grammar is not None and self.takes_grammar else {}))
         except openai.APITimeoutError:
             raise TeacherCallError("timeout", f"no reply from {self._url} within {self.timeout}s "
